@@ -1,0 +1,195 @@
+"""The Keras side: a ``PyDataset`` of ``(images, labels)`` batches served through the cache."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+
+from s3cache.loader import Loader
+from s3cache.source import DEFAULT_CONCURRENCY, S3Object, S3Source
+from s3cache.spec import ImageSpec
+from s3cache.store import ArrayStore
+
+DTYPES = ("float32", "uint8")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Everything a process needs to open its own store and S3 client.
+
+    Attributes:
+        cache_dir: The cache directory.
+        size_limit: Size limit of the array store, in bytes.
+        storage_options: Options for ``s3fs.S3FileSystem``; ignored offline.
+        offline: Never contact S3.
+        on_error: ``"raise"`` or ``"skip"`` for undecodable objects.
+        concurrency: Most S3 requests in flight per process.
+    """
+
+    cache_dir: str
+    size_limit: int
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    offline: bool = False
+    on_error: str = "raise"
+    concurrency: int = DEFAULT_CONCURRENCY
+
+    def open_loader(self, spec: ImageSpec) -> Loader:
+        """Open the store and (unless offline) the S3 source, and build a loader over them."""
+        source = None if self.offline else S3Source(self.storage_options, concurrency=self.concurrency)
+        return Loader(spec, ArrayStore(self.cache_dir, self.size_limit), source, on_error=self.on_error)
+
+
+class S3ImageDataset(keras.utils.PyDataset):
+    """Batches of images (and labels) from S3, read through the local array cache.
+
+    Build it with :func:`s3cache.image_dataset_from_s3`. Each process (Keras worker processes
+    included) opens its own store and S3 client on first use, since neither survives a fork.
+
+    Args:
+        objects: The objects to serve, in their canonical (unshuffled) order.
+        labels: One label per object (class indices), or ``None``.
+        class_names: Names of the classes, indexed by label.
+        spec: How images are decoded and resized.
+        config: Where the cache is and how to reach S3.
+        label_mode: ``"int"``, ``"categorical"``, ``"binary"`` or ``None``.
+        batch_size: Images per batch.
+        shuffle: Reshuffle the order every epoch.
+        seed: Seed of the shuffles.
+        dtype: ``"float32"`` or ``"uint8"`` images.
+        readahead: Batches whose misses are fetched ahead of the one being served; ``None``
+            picks enough to keep the S3 connections busy (none with ``use_multiprocessing``).
+        **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` for ``PyDataset``.
+    """
+
+    def __init__(
+        self,
+        objects: Sequence[S3Object],
+        labels: np.ndarray | None,
+        class_names: Sequence[str] | None,
+        spec: ImageSpec,
+        config: CacheConfig,
+        *,
+        label_mode: str | None = "int",
+        batch_size: int = 32,
+        shuffle: bool = True,
+        seed: int | None = None,
+        dtype: str = "float32",
+        readahead: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.objects = list(objects)
+        self.labels = labels
+        self.class_names = list(class_names) if class_names is not None else None
+        self.spec = spec
+        self.config = config
+        self.label_mode = label_mode if labels is not None else None
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**32)
+        self.dtype = dtype
+        if readahead is None:
+            readahead = 0 if self.use_multiprocessing else max(2, math.ceil(2 * config.concurrency / batch_size))
+        self.readahead = readahead
+        self.epoch = 0
+        self._order = self._epoch_order(0)
+        self._loader: Loader | None = None
+        self._loader_pid = -1
+
+    # -- keras.utils.PyDataset --------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.objects) / self.batch_size)
+
+    def __getitem__(self, index: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch index {index} out of range for {len(self)} batches")
+        loader = self.loader
+        batch = self._batch_objects(index)
+        # Queue this batch's misses ahead of the read-ahead ones, so they are fetched first.
+        loader.prefetch(batch)
+        loader.prefetch(obj for ahead in range(index + 1, min(index + 1 + self.readahead, len(self)))
+                        for obj in self._batch_objects(ahead))
+        arrays = loader.load(batch)
+        kept = [i for i, array in enumerate(arrays) if array is not None]
+        images = np.empty((len(kept), *self.spec.shape), dtype=self.dtype)
+        for slot, i in enumerate(kept):
+            images[slot] = arrays[i]
+        if self.labels is None or self.label_mode is None:
+            return images
+        positions = self._order[index * self.batch_size: (index + 1) * self.batch_size][kept]
+        return images, self._encode_labels(self.labels[positions])
+
+    def on_epoch_end(self) -> None:
+        """Reshuffle for the next epoch and write back cache recency."""
+        self.epoch += 1
+        self._order = self._epoch_order(self.epoch)
+        if self._loader is not None and self._loader_pid == os.getpid():
+            self._loader.drop_prefetched()
+            self._loader.store.flush_touches()
+
+    # -- public extras ----------------------------------------------------------------------------
+
+    @property
+    def file_paths(self) -> list[str]:
+        """The objects' ``s3://`` URLs in the order of the first epoch."""
+        return [self.objects[i].url for i in self._epoch_order(0)]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (0 without labels)."""
+        return len(self.class_names or ())
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """This process's counters: ``hits``, ``misses``, ``skipped``, ``s3_requests``, ``s3_bytes``, ``retries``."""
+        if self._loader is None or self._loader_pid != os.getpid():
+            return {"hits": 0, "misses": 0, "skipped": 0, "s3_requests": 0, "s3_bytes": 0, "retries": 0}
+        return self._loader.stats
+
+    @property
+    def loader(self) -> Loader:
+        """This process's loader, opened on first use."""
+        if self._loader is None or self._loader_pid != os.getpid():
+            self._loader = self.config.open_loader(self.spec)
+            self._loader_pid = os.getpid()
+        return self._loader
+
+    def close(self) -> None:
+        """Release threads and flush recency (the dataset reopens them if used again)."""
+        if self._loader is not None and self._loader_pid == os.getpid():
+            self._loader.close()
+        self._loader = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_loader"], state["_loader_pid"] = None, -1
+        return state
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.objects))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.objects))
+
+    def _batch_objects(self, index: int) -> list[S3Object]:
+        positions = self._order[index * self.batch_size: (index + 1) * self.batch_size]
+        return [self.objects[i] for i in positions]
+
+    def _encode_labels(self, labels: np.ndarray) -> np.ndarray:
+        if self.label_mode == "int":
+            return labels.astype("int32")
+        if self.label_mode == "binary":
+            return labels.astype("float32").reshape(-1, 1)
+        return np.eye(self.num_classes, dtype="float32")[labels]

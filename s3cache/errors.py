@@ -1,0 +1,72 @@
+"""Exceptions raised by s3cache.
+
+Every class derives from :class:`S3CacheError` and from the builtin exception that
+callers would already catch for the same situation, so ``except FileNotFoundError``
+keeps working around s3cache calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class S3CacheError(Exception):
+    """Base class of every error raised by s3cache."""
+
+
+class BucketNotFoundError(S3CacheError, FileNotFoundError):
+    """The bucket does not exist."""
+
+
+class ObjectNotFoundError(S3CacheError, FileNotFoundError):
+    """An object does not exist (or vanished between listing and reading)."""
+
+
+class EmptyListingError(S3CacheError, FileNotFoundError):
+    """A prefix holds no image objects."""
+
+
+class AccessDeniedError(S3CacheError, PermissionError):
+    """S3 refused the request (403, or a bucket policy)."""
+
+
+class CredentialsError(S3CacheError, PermissionError):
+    """No usable AWS credentials were found."""
+
+
+class EndpointUnreachableError(S3CacheError, ConnectionError):
+    """The S3 endpoint could not be reached at all."""
+
+
+class S3RequestError(S3CacheError, ConnectionError):
+    """A request kept failing after every retry."""
+
+
+class DecodeError(S3CacheError, ValueError):
+    """An object's bytes are not an image Pillow can decode."""
+
+
+class ImageTooLargeError(DecodeError):
+    """An image declares more pixels than the configured limit (a decompression bomb)."""
+
+
+class CacheError(S3CacheError, OSError):
+    """The cache directory cannot be opened, created or written."""
+
+
+class NotCachedError(S3CacheError, LookupError):
+    """Offline mode needs objects (or a listing) that the cache does not hold."""
+
+    def __init__(self, message: str, urls: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.urls = list(urls)
+
+    @classmethod
+    def for_objects(cls, urls: Sequence[str]) -> NotCachedError:
+        """Build the error for uncached objects, naming a few of them and how many."""
+        shown = ", ".join(urls[:5]) + (", ..." if len(urls) > 5 else "")
+        return cls(
+            f"offline mode: {len(urls)} object(s) are not in the cache: {shown}. "
+            "Run once with offline=False (or `s3cache warm`) to fill the cache.",
+            urls,
+        )

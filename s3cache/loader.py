@@ -1,0 +1,226 @@
+"""Cache first, S3 for misses, write-through; offline mode.
+
+A :class:`Loader` turns listed objects into decoded arrays. Hits come from the
+:class:`~s3cache.store.ArrayStore`; misses are fetched concurrently on the S3 event loop,
+decoded on a small thread pool (Pillow releases the GIL) and written to the store as
+they arrive. :meth:`Loader.prefetch` starts the misses of batches the caller will need
+soon, so S3 round trips overlap with training. Without a source the loader is offline:
+a miss is an error that names the objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from s3cache import codec
+from s3cache.errors import DecodeError, NotCachedError
+from s3cache.source import S3Object, S3Source
+from s3cache.spec import ImageSpec
+from s3cache.store import ArrayStore
+
+Entry = np.ndarray | codec.Failure
+ON_ERROR_CHOICES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class FillProgress:
+    """One object handled by :meth:`Loader.fill`."""
+
+    obj: S3Object
+    hit: bool
+    failed: bool
+
+
+class Loader:
+    """Serves decoded arrays for listed objects through the cache.
+
+    Args:
+        spec: How images are decoded and resized.
+        store: The array store.
+        source: Where misses are fetched from; ``None`` means offline.
+        on_error: ``"raise"`` or ``"skip"`` for objects that cannot be decoded.
+        decode_workers: Threads decoding fetched images (default: CPU count, at most 8).
+    """
+
+    def __init__(
+        self,
+        spec: ImageSpec,
+        store: ArrayStore,
+        source: S3Source | None,
+        *,
+        on_error: str = "raise",
+        decode_workers: int | None = None,
+    ) -> None:
+        if on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+        self.spec = spec
+        self.store = store
+        self.source = source
+        self.on_error = on_error
+        self._fingerprint = spec.fingerprint
+        self._decode_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=decode_workers or min(8, os.cpu_count() or 1), thread_name_prefix="s3cache-decode"
+        )
+        self._pending: dict[str, concurrent.futures.Future[Entry]] = {}
+        self._lock = threading.Lock()
+        self._counts = {"hits": 0, "misses": 0, "skipped": 0}
+        store.put_spec(self._fingerprint, spec.to_dict())
+
+    @property
+    def offline(self) -> bool:
+        """Whether misses are errors instead of S3 requests."""
+        return self.source is None
+
+    def cache_key(self, obj: S3Object, etag: str | None = None) -> str:
+        """The store key of an object's array under this loader's spec."""
+        return f"{self._fingerprint}/{etag or obj.etag}/{obj.bucket}/{obj.key}"
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: cache hits and misses, skipped objects, S3 requests, bytes and retries."""
+        source = self.source
+        return dict(self._counts) | {
+            "s3_requests": source.requests if source else 0,
+            "s3_bytes": source.bytes_received if source else 0,
+            "retries": source.retries if source else 0,
+        }
+
+    # -- serving batches --------------------------------------------------------------------------
+
+    def load(self, objects: Sequence[S3Object]) -> list[np.ndarray | None]:
+        """Arrays for the objects, in order; ``None`` marks an object skipped by ``on_error="skip"``.
+
+        Raises:
+            NotCachedError: Offline, and some objects are not cached.
+            DecodeError: An object cannot be decoded and ``on_error="raise"``.
+            S3CacheError: S3 failed for a miss (see :mod:`s3cache.errors`).
+        """
+        entries: list[Entry | None] = [None] * len(objects)
+        waiting: dict[int, concurrent.futures.Future[Entry]] = {}
+        missing: list[int] = []
+        for index, obj in enumerate(objects):
+            with self._lock:
+                future = self._pending.pop(self.cache_key(obj), None)
+            if future is not None:
+                waiting[index] = future
+            elif (entry := self.store.get(self.cache_key(obj))) is not None:
+                entries[index] = entry
+            else:
+                missing.append(index)
+        self._count("hits", len(objects) - len(waiting) - len(missing))
+        if missing:
+            if self.source is None:
+                raise NotCachedError.for_objects([objects[i].url for i in missing])
+            waiting.update(zip(missing, self._start([objects[i] for i in missing]), strict=True))
+        for index, future in waiting.items():
+            entries[index] = future.result()
+        return [self._resolve(obj, entry) for obj, entry in zip(objects, entries, strict=True)]
+
+    def prefetch(self, objects: Iterable[S3Object]) -> None:
+        """Start fetching the objects that are neither cached nor already in flight."""
+        if self.source is None:
+            return
+        with self._lock:
+            wanted = {self.cache_key(obj): obj for obj in objects if self.cache_key(obj) not in self._pending}
+        todo = [obj for key, obj in wanted.items() if key not in self.store]
+        futures = self._start(todo)
+        with self._lock:
+            self._pending.update(zip((self.cache_key(obj) for obj in todo), futures, strict=True))
+
+    def drop_prefetched(self) -> None:
+        """Forget finished read-ahead results nobody asked for (their arrays are in the store)."""
+        with self._lock:
+            self._pending = {key: f for key, f in self._pending.items() if not f.done()}
+
+    def fill(
+        self,
+        objects: Sequence[S3Object],
+        progress: Callable[[FillProgress], None] | None = None,
+        window: int = 256,
+    ) -> None:
+        """Make sure every object is cached, fetching at most ``window`` objects ahead.
+
+        Decode failures are stored as failure records and reported through ``progress``; they
+        do not stop the fill. Interrupting it (Ctrl-C) cancels what is queued; every entry
+        stored so far stays valid.
+        """
+        todo: list[S3Object] = []
+        for obj in objects:
+            if self.cache_key(obj) not in self.store:
+                todo.append(obj)
+            elif progress:
+                progress(FillProgress(obj, hit=True, failed=False))
+        self._count("hits", len(objects) - len(todo))
+        if todo and self.source is None:
+            raise NotCachedError.for_objects([obj.url for obj in todo])
+        in_flight: dict[concurrent.futures.Future[Entry], S3Object] = {}
+        queue = iter(todo)
+        try:
+            while True:
+                for obj in queue:
+                    in_flight.update(zip(self._start([obj]), [obj], strict=True))
+                    if len(in_flight) >= window:
+                        break
+                if not in_flight:
+                    return
+                done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    obj = in_flight.pop(future)
+                    failed = isinstance(future.result(), codec.Failure)
+                    if progress:
+                        progress(FillProgress(obj, hit=False, failed=failed))
+        finally:
+            for future in in_flight:
+                future.cancel()
+
+    def close(self) -> None:
+        """Stop the decode threads and flush recency to the store."""
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        self.store.flush_touches()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += amount
+
+    def _start(self, objects: Sequence[S3Object]) -> list[concurrent.futures.Future[Entry]]:
+        assert self.source is not None
+        self._count("misses", len(objects))
+        return [self.source.submit(self._fetch(obj)) for obj in objects]
+
+    async def _fetch(self, obj: S3Object) -> Entry:
+        assert self.source is not None
+        data, etag = await self.source.get(obj)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decode_pool, self._decode_and_store, obj, etag, data)
+
+    def _decode_and_store(self, obj: S3Object, etag: str, data: bytes) -> Entry:
+        entry: Entry
+        try:
+            entry = self.spec.decode(data, obj.url)
+            encoded = codec.encode_array(entry)
+        except DecodeError as exc:
+            entry = codec.Failure(str(exc))
+            encoded = codec.encode_failure(entry.message)
+        # Keyed by the ETag actually read: if the object changed since listing, this is its new version.
+        self.store.put(self.cache_key(obj, etag), encoded, tag=self._fingerprint)
+        self.store.cull()
+        return entry
+
+    def _resolve(self, obj: S3Object, entry: Entry | None) -> np.ndarray | None:
+        if not isinstance(entry, codec.Failure):
+            return entry
+        if self.on_error == "raise":
+            raise DecodeError(entry.message)
+        self._count("skipped")
+        warnings.warn(f"skipping {obj.url}: {entry.message}", stacklevel=3)
+        return None

@@ -1,0 +1,294 @@
+"""The on-disk array store: diskcache underneath, raw bytes only, a true LRU.
+
+Layout of a cache directory (created owner-only, ``0700``)::
+
+    <cache_dir>/arrays/   diskcache.Cache of encoded arrays, size-limited, LRU-culled
+    <cache_dir>/meta/     diskcache.Cache of listings and spec descriptions, never culled
+
+Array entries are keyed ``"<spec fingerprint>/<etag>/<bucket>/<key>"`` and tagged with the
+spec fingerprint. Three details make diskcache fit this job:
+
+* :class:`RawDisk` stores ``bytes`` values and ``str`` keys only, so nothing is ever pickled.
+* Reads do not write. diskcache's own LRU policy updates ``access_time`` on every ``get``
+  (one SQLite write per image); instead we register a policy that culls by ``access_time``
+  but leaves it alone on ``get``, and flush the recorded read times in one transaction
+  every few hundred reads and before every cull.
+* ``size_limit`` is soft in diskcache (each ``set`` culls at most ``cull_limit`` rows), so we
+  set ``cull_limit=0`` and call :meth:`ArrayStore.cull` after each batch of writes: the
+  store then overshoots its limit by at most one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import numpy as np
+
+from s3cache import codec
+from s3cache.errors import CacheError
+
+LRU_POLICY = "s3cache-batched-lru"
+diskcache.core.EVICTION_POLICY.setdefault(
+    LRU_POLICY,
+    {
+        "init": "CREATE INDEX IF NOT EXISTS Cache_access_time ON Cache (access_time)",
+        "get": None,
+        "cull": "SELECT {fields} FROM Cache ORDER BY access_time LIMIT ?",
+    },
+)
+
+# Reads recorded in memory before their recency is written back in one transaction.
+TOUCH_FLUSH_EVERY = 512
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Parse a byte count: an int, or a string such as ``"500MB"``, ``"10GB"``, ``"2GiB"``.
+
+    Raises:
+        ValueError: The value is negative or not understood.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not match or match.group(2).upper() not in _UNITS:
+            raise ValueError(f"cannot parse size {value!r}: use bytes or a string like '500MB' or '10GB'")
+        size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size < 0:
+        raise ValueError(f"size must not be negative, got {value!r}")
+    return size
+
+
+def default_cache_dir() -> Path:
+    """``$S3CACHE_DIR`` if set, else ``~/.cache/s3cache``."""
+    return Path(os.environ.get("S3CACHE_DIR") or Path.home() / ".cache" / "s3cache")
+
+
+class RawDisk(diskcache.Disk):
+    """A diskcache ``Disk`` that accepts ``str`` keys and ``bytes`` values, and never pickles."""
+
+    def put(self, key: Any) -> tuple[Any, bool]:
+        """Store keys as SQLite text."""
+        if not isinstance(key, str):
+            raise TypeError(f"cache keys must be str, got {type(key).__name__}")
+        return key, True
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> tuple[Any, ...]:
+        """Store values as raw bytes (inline in SQLite when small, else in a file)."""
+        if read or not isinstance(value, bytes):
+            raise TypeError(f"cache values must be bytes, got {type(value).__name__}")
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        """Refuse any stored mode other than raw bytes."""
+        if mode not in (diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY) or read:
+            raise codec.CorruptEntryError(f"unexpected storage mode {mode} in an s3cache store")
+        return super().fetch(mode, filename, value, read)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One damaged entry or inconsistency found by :meth:`ArrayStore.verify`."""
+
+    key: str
+    reason: str
+
+
+class ArrayStore:
+    """Encoded image arrays under a size limit, plus the stored listings and specs.
+
+    Safe to share between threads of one process and between processes on one directory.
+
+    Args:
+        directory: The cache directory (created ``0700`` if missing).
+        size_limit: Upper bound for the arrays, in bytes; ``None`` keeps the stored limit
+            (10 GB for a new directory).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], size_limit: int | None = None) -> None:
+        self.directory = Path(directory).expanduser()
+        self._touch_lock = threading.Lock()
+        self._touches: dict[str, float] = {}
+        self._touch_con: sqlite3.Connection | None = None
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            settings: dict[str, Any] = {"eviction_policy": LRU_POLICY, "cull_limit": 0, "disk": RawDisk,
+                                        "tag_index": True, "statistics": False}
+            if size_limit is not None:
+                settings["size_limit"] = size_limit
+            elif not (self.directory / "arrays" / "cache.db").exists():
+                settings["size_limit"] = parse_size("10GB")
+            self._arrays = diskcache.Cache(str(self.directory / "arrays"), **settings)
+            self._meta = diskcache.Cache(str(self.directory / "meta"), eviction_policy="none",
+                                         disk=RawDisk, statistics=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise CacheError(
+                f"cannot open the cache in {self.directory}: {exc}. Check its permissions, or delete the "
+                "directory (or run `s3cache clear --cache-dir DIR --yes`) to start afresh."
+            ) from exc
+
+    # -- arrays ---------------------------------------------------------------------------------
+
+    @property
+    def size_limit(self) -> int:
+        """The array store's size limit in bytes."""
+        return int(self._arrays.size_limit)
+
+    def get(self, key: str) -> np.ndarray | codec.Failure | None:
+        """Read an entry and record the read for LRU; damaged entries are deleted and read as misses."""
+        data = self._arrays.get(key)
+        if data is None:
+            return None
+        try:
+            entry = codec.decode(data)
+        except codec.CorruptEntryError:
+            self._arrays.delete(key)
+            return None
+        self._record_touch(key)
+        return entry
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._arrays
+
+    def put(self, key: str, entry: bytes, tag: str) -> bool:
+        """Store an encoded entry unless another writer stored it first; returns whether it wrote."""
+        return bool(self._arrays.add(key, entry, tag=tag))
+
+    def cull(self) -> int:
+        """Evict least-recently-used entries until the store is within its size limit."""
+        if self._arrays.volume() <= self.size_limit:
+            return 0
+        self.flush_touches()
+        return int(self._arrays.cull())
+
+    def volume(self) -> int:
+        """Bytes used by the array store on disk (database plus value files)."""
+        return int(self._arrays.volume())
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def keys(self) -> Iterator[str]:
+        """Iterate over every array key."""
+        return self._arrays.iterkeys()
+
+    def evict_tag(self, tag: str) -> int:
+        """Remove every entry with this tag (one spec's namespace)."""
+        return int(self._arrays.evict(tag))
+
+    def delete(self, key: str) -> bool:
+        """Remove one entry."""
+        return bool(self._arrays.delete(key))
+
+    def clear(self) -> int:
+        """Remove every array entry (listings and specs stay)."""
+        return int(self._arrays.clear())
+
+    def verify(self, fix: bool = False) -> list[Problem]:
+        """Check every entry's header, length and checksum, and the database against the files.
+
+        Args:
+            fix: Delete damaged entries and let diskcache repair file/database mismatches.
+
+        Returns:
+            The problems found (before fixing).
+        """
+        problems = [Problem("<database>", str(w.message)) for w in self._arrays.check(fix=fix)]
+        for key in list(self.keys()):
+            try:
+                data = self._arrays.get(key)
+                if data is None:
+                    continue  # evicted meanwhile
+                codec.decode(data)
+            except (codec.CorruptEntryError, OSError) as exc:
+                problems.append(Problem(key, str(exc)))
+                if fix:
+                    self._arrays.delete(key)
+        return problems
+
+    # -- recency --------------------------------------------------------------------------------
+
+    def _record_touch(self, key: str) -> None:
+        with self._touch_lock:
+            self._touches[key] = time.time()
+            if len(self._touches) < TOUCH_FLUSH_EVERY:
+                return
+        self.flush_touches()
+
+    def flush_touches(self) -> None:
+        """Write recorded read times to the database in one transaction."""
+        with self._touch_lock:
+            if not self._touches:
+                return
+            rows = [(when, key) for key, when in self._touches.items()]
+            self._touches.clear()
+            con = self._touch_connection()
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.executemany("UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", rows)
+            finally:
+                con.execute("COMMIT")
+
+    def _touch_connection(self) -> sqlite3.Connection:
+        if self._touch_con is None:
+            path = self.directory / "arrays" / "cache.db"
+            self._touch_con = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+            self._touch_con.execute("PRAGMA synchronous = NORMAL")
+        return self._touch_con
+
+    # -- listings and specs -----------------------------------------------------------------------
+
+    def put_listing(self, url: str, listing: dict[str, Any]) -> None:
+        """Store the listing of a source URL (replacing any older one)."""
+        self._meta.set(f"listing/{url}", json.dumps(listing).encode())
+
+    def get_listing(self, url: str) -> dict[str, Any] | None:
+        """The stored listing of a source URL, or ``None``."""
+        data = self._meta.get(f"listing/{url}")
+        return None if data is None else json.loads(data)
+
+    def listing_urls(self) -> list[str]:
+        """Every source URL with a stored listing."""
+        return sorted(k.removeprefix("listing/") for k in self._meta.iterkeys() if k.startswith("listing/"))
+
+    def delete_listing(self, url: str) -> bool:
+        """Forget the listing of a source URL."""
+        return bool(self._meta.delete(f"listing/{url}"))
+
+    def put_spec(self, fingerprint: str, description: dict[str, Any]) -> None:
+        """Record what a spec fingerprint stands for (for ``info`` and ``clear --spec``)."""
+        key = f"spec/{fingerprint}"
+        if key not in self._meta:
+            self._meta.set(key, json.dumps(description).encode())
+
+    def specs(self) -> dict[str, dict[str, Any]]:
+        """Every recorded spec, by fingerprint."""
+        return {k.removeprefix("spec/"): json.loads(self._meta[k])
+                for k in self._meta.iterkeys() if k.startswith("spec/")}
+
+    def delete_spec(self, fingerprint: str) -> bool:
+        """Forget a spec description."""
+        return bool(self._meta.delete(f"spec/{fingerprint}"))
+
+    def close(self) -> None:
+        """Flush recorded reads and close the databases."""
+        self.flush_touches()
+        with self._touch_lock:
+            if self._touch_con is not None:
+                self._touch_con.close()
+                self._touch_con = None
+        self._arrays.close()
+        self._meta.close()
