@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from s3cache.dataset import CacheConfig, S3ImageDataset
-from s3cache.errors import EmptyListingError, NotCachedError
+from s3cache.dataset import S3ImageDataset
+from s3cache.loader import CacheConfig, resolve_objects
 from s3cache.source import DEFAULT_CONCURRENCY, S3Object, S3Source, split_url
 from s3cache.spec import ImageSpec
 from s3cache.store import ArrayStore, default_cache_dir, parse_size
@@ -133,40 +131,6 @@ def image_dataset_from_s3(
     if subset == "both":
         return build(train), build(val)
     return build(train if subset == "training" else val)
-
-
-def resolve_objects(directory: str | Sequence[str], store: ArrayStore, source: S3Source | None) -> list[S3Object]:
-    """List the objects of a prefix or URL list (and store the listing), or read the stored one offline.
-
-    Raises:
-        EmptyListingError: No image objects.
-        NotCachedError: Offline and no listing was stored for ``directory``.
-    """
-    name = listing_name(directory)
-    if source is None:
-        stored = store.get_listing(name)
-        if stored is None:
-            raise NotCachedError(f"offline mode: no stored listing for {name}. Run once with offline=False "
-                                 "(or `s3cache warm`) to store it.")
-        return [S3Object.from_json(row) for row in stored["objects"]]
-    if isinstance(directory, str):
-        objects = source.list_prefix(directory)
-        if not objects:
-            raise EmptyListingError(f"no image objects (.jpg .jpeg .png .bmp .gif) under {directory}")
-    else:
-        if not directory:
-            raise EmptyListingError("the list of object URLs is empty")
-        objects = source.head_many(list(directory))
-    store.put_listing(name, {"url": name, "listed_at": time.time(), "objects": [o.to_json() for o in objects]})
-    return objects
-
-
-def listing_name(directory: str | Sequence[str]) -> str:
-    """The name a listing is stored under: the prefix URL, or a digest of a URL list."""
-    if isinstance(directory, str):
-        return directory
-    digest = hashlib.sha256("\n".join(directory).encode()).hexdigest()[:16]
-    return f"urls:{digest}"
 
 
 def _check_arguments(labels: Any, label_mode: str | None, subset: str | None, validation_split: float | None,

@@ -5,44 +5,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import numpy as np
 
-from s3cache.loader import Loader
-from s3cache.source import DEFAULT_CONCURRENCY, S3Object, S3Source
+from s3cache.loader import CacheConfig, Loader
+from s3cache.source import S3Object
 from s3cache.spec import ImageSpec
-from s3cache.store import ArrayStore
 
 DTYPES = ("float32", "uint8")
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """Everything a process needs to open its own store and S3 client.
-
-    Attributes:
-        cache_dir: The cache directory.
-        size_limit: Size limit of the array store, in bytes.
-        storage_options: Options for ``s3fs.S3FileSystem``; ignored offline.
-        offline: Never contact S3.
-        on_error: ``"raise"`` or ``"skip"`` for undecodable objects.
-        concurrency: Most S3 requests in flight per process.
-    """
-
-    cache_dir: str
-    size_limit: int
-    storage_options: dict[str, Any] = field(default_factory=dict)
-    offline: bool = False
-    on_error: str = "raise"
-    concurrency: int = DEFAULT_CONCURRENCY
-
-    def open_loader(self, spec: ImageSpec) -> Loader:
-        """Open the store and (unless offline) the S3 source, and build a loader over them."""
-        source = None if self.offline else S3Source(self.storage_options, concurrency=self.concurrency)
-        return Loader(spec, ArrayStore(self.cache_dir, self.size_limit), source, on_error=self.on_error)
 
 
 class S3ImageDataset(keras.utils.PyDataset):

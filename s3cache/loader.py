@@ -1,4 +1,4 @@
-"""Cache first, S3 for misses, write-through; offline mode.
+"""Cache first, S3 for misses, write-through; offline mode (for listings and arrays alike).
 
 A :class:`Loader` turns listed objects into decoded arrays. Hits come from the
 :class:`~s3cache.store.ArrayStore`; misses are fetched concurrently on the S3 event loop,
@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import os
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from s3cache import codec
-from s3cache.errors import DecodeError, NotCachedError
-from s3cache.source import S3Object, S3Source
+from s3cache.errors import DecodeError, EmptyListingError, NotCachedError
+from s3cache.source import DEFAULT_CONCURRENCY, S3Object, S3Source
 from s3cache.spec import ImageSpec
 from s3cache.store import ArrayStore
 
@@ -224,3 +227,63 @@ class Loader:
         self._count("skipped")
         warnings.warn(f"skipping {obj.url}: {entry.message}", stacklevel=3)
         return None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Everything a process needs to open its own store and S3 client.
+
+    Attributes:
+        cache_dir: The cache directory.
+        size_limit: Size limit of the array store, in bytes.
+        storage_options: Options for ``s3fs.S3FileSystem``; ignored offline.
+        offline: Never contact S3.
+        on_error: ``"raise"`` or ``"skip"`` for undecodable objects.
+        concurrency: Most S3 requests in flight per process.
+    """
+
+    cache_dir: str
+    size_limit: int
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    offline: bool = False
+    on_error: str = "raise"
+    concurrency: int = DEFAULT_CONCURRENCY
+
+    def open_loader(self, spec: ImageSpec) -> Loader:
+        """Open the store and (unless offline) the S3 source, and build a loader over them."""
+        source = None if self.offline else S3Source(self.storage_options, concurrency=self.concurrency)
+        return Loader(spec, ArrayStore(self.cache_dir, self.size_limit), source, on_error=self.on_error)
+
+
+def resolve_objects(directory: str | Sequence[str], store: ArrayStore, source: S3Source | None) -> list[S3Object]:
+    """List the objects of a prefix or URL list (and store the listing), or read the stored one offline.
+
+    Raises:
+        EmptyListingError: No image objects.
+        NotCachedError: Offline and no listing was stored for ``directory``.
+    """
+    name = listing_name(directory)
+    if source is None:
+        stored = store.get_listing(name)
+        if stored is None:
+            raise NotCachedError(f"offline mode: no stored listing for {name}. Run once with offline=False "
+                                 "(or `s3cache warm`) to store it.")
+        return [S3Object.from_json(row) for row in stored["objects"]]
+    if isinstance(directory, str):
+        objects = source.list_prefix(directory)
+        if not objects:
+            raise EmptyListingError(f"no image objects (.jpg .jpeg .png .bmp .gif) under {directory}")
+    else:
+        if not directory:
+            raise EmptyListingError("the list of object URLs is empty")
+        objects = source.head_many(list(directory))
+    store.put_listing(name, {"url": name, "listed_at": time.time(), "objects": [o.to_json() for o in objects]})
+    return objects
+
+
+def listing_name(directory: str | Sequence[str]) -> str:
+    """The name a listing is stored under: the prefix URL, or a digest of a URL list."""
+    if isinstance(directory, str):
+        return directory
+    digest = hashlib.sha256("\n".join(directory).encode()).hexdigest()[:16]
+    return f"urls:{digest}"
