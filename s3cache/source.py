@@ -169,7 +169,8 @@ class S3Source:
                 async with self._semaphore:
                     self.requests += 1
                     return await attempt()
-            except Exception as exc:
+            except Exception as raised:
+                exc = _unwrap(raised)
                 if not _is_retryable(exc):
                     raise translate_error(exc, url, self.endpoint) from exc
                 if number == self.attempts:
@@ -247,6 +248,12 @@ class S3Source:
 
 class _TruncatedBody(ConnectionError):
     """The connection ended before the whole body arrived."""
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """The botocore error behind an ``OSError`` that s3fs translated it into, else ``exc`` itself."""
+    cause = exc.__cause__
+    return cause if isinstance(exc, OSError) and isinstance(cause, Exception) else exc
 
 
 def _etag(raw: str) -> str:

@@ -1,0 +1,308 @@
+"""The ``s3cache`` command: a thin formatting layer over :mod:`s3cache.ops` and :mod:`s3cache.demo`.
+
+Only ``s3cache demo`` imports Keras; every other command starts quickly without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from s3cache.errors import S3CacheError
+from s3cache.spec import COLOR_MODES, INTERPOLATIONS
+from s3cache.store import default_cache_dir
+
+EXIT_ERROR = 2
+EXIT_PROBLEMS = 1
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``s3cache`` command.
+
+    Args:
+        argv: Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 1 when ``verify`` leaves problems, 2 on errors, 130 on Ctrl-C.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        print("s3cache: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
+        # One line, whatever the message holds: scripts and logs read it as a single record.
+        print(f"s3cache: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="s3cache",
+        description="Keras datasets from images in S3, served from an on-disk cache of resized arrays.",
+        epilog="example:\n  s3cache warm s3://my-bucket/train/ --image-size 224 224\n  s3cache info",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cache, s3, spec = _cache_options(), _s3_options(), _spec_options()
+
+    warm = _command(commands, "warm", _warm, [cache, s3, spec], "fill the cache with the resized images of a prefix",
+                    "s3cache warm s3://my-bucket/train/ --image-size 224 224 --cache-size-limit 20GB")
+    warm.add_argument("url", help="prefix URL, e.g. s3://bucket/train/")
+    warm.add_argument("--cache-size-limit", help="set the cache's size limit, e.g. 10GB (default: keep the stored one)")
+    warm.add_argument("--concurrency", type=int, default=32, help="most S3 requests in flight (default: 32)")
+
+    info = _command(commands, "info", _info, [cache], "show the cache's size, limit, specs and listings",
+                    "s3cache info --json")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ls = _command(commands, "ls", _ls, [cache, s3, spec], "list a prefix, marking which objects are cached",
+                  "s3cache ls s3://my-bucket/train/ --image-size 224 224")
+    ls.add_argument("url", help="prefix URL, e.g. s3://bucket/train/")
+    ls.add_argument("--offline", action="store_true", help="use the stored listing; do not contact S3")
+
+    verify = _command(commands, "verify", _verify, [cache], "check every cache entry; exit status 1 on problems",
+                      "s3cache verify --fix")
+    verify.add_argument("--fix", action="store_true", help="remove damaged entries")
+
+    clear = _command(commands, "clear", _clear, [cache], "remove everything, one spec or one listing",
+                     "s3cache clear --spec 3f2a9c0d1e4b5a67 --yes")
+    target = clear.add_mutually_exclusive_group()
+    target.add_argument("--spec", help="a spec fingerprint (see `s3cache info`): remove its arrays")
+    target.add_argument("--url", help="a stored listing's URL: remove it and its objects' arrays under every spec")
+    clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    demo = _command(commands, "demo", _demo, [cache, s3], "train a small CNN through the cache on an embedded S3",
+                    "s3cache demo --images 300 --epochs 3")
+    demo.add_argument("--images", type=int, default=300, help="photos uploaded to the embedded S3 (default: 300)")
+    demo.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
+    demo.add_argument("--image-size", type=int, nargs=2, default=[96, 96], metavar=("H", "W"),
+                      help="array size (default: 96 96)")
+    demo.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    demo.add_argument("--url", help="train on your own s3:// prefix (class folders) instead of the embedded S3")
+    return parser
+
+
+# -- commands ----------------------------------------------------------------------------------------
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from s3cache.ops import warm
+
+    progress = _WarmProgress()
+    try:
+        try:
+            report = warm(args.url, args.image_size, **_spec_kwargs(args), cache_dir=args.cache_dir,
+                          cache_size_limit=args.cache_size_limit, storage_options=_storage_options(args),
+                          concurrency=args.concurrency, progress=progress, on_listed=progress.listed)
+        finally:
+            progress.close()  # before any message, so it does not land on the bar's line
+    except KeyboardInterrupt:
+        print(f"s3cache: interrupted: {progress.stored} new arrays stored in this run, {progress.hits} were already "
+              "cached; everything stored stays usable. Run the same command again to continue.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"{report.url}: {report.total} images, {report.hits} already cached, {report.fetched} fetched "
+          f"({_size(report.bytes_fetched)}), {report.failed} failed, {report.seconds:.1f} s "
+          f"-> {report.cache_dir} (spec {report.fingerprint})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from s3cache.ops import cache_info
+
+    info = cache_info(args.cache_dir)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    limit = info["size_limit_bytes"]
+    print(f"directory  {info['directory']}")
+    print(f"size       {_size(info['size_bytes'])} of {_size(limit)} limit "
+          f"({info['size_bytes'] / limit if limit else 0:.0%})")
+    print(f"entries    {info['entries']}")
+    print("specs:" if info["specs"] else "specs:    none")
+    for fingerprint, spec in info["specs"].items():
+        print(f"  {fingerprint}  {_describe_spec(spec['description']):40} {spec['entries']} entries")
+    print("listings:" if info["listings"] else "listings: none")
+    for row in info["listings"]:
+        under = f" (spec {row['spec']})" if row["spec"] else ""
+        print(f"  {row['url']}  {row['objects']} objects, {row['cached']} cached ({row['fraction']:.0%}){under}")
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from s3cache.ops import list_objects
+
+    rows = list_objects(args.url, image_size=args.image_size, **_spec_kwargs(args), cache_dir=args.cache_dir,
+                        storage_options=_storage_options(args), offline=args.offline)
+    for obj, cached in rows:
+        print(f"{'cached' if cached else '-':7} {_size(obj.size):>9}  {obj.url}")
+    cached_count = sum(cached for _, cached in rows)
+    total_bytes = sum(obj.size for obj, _ in rows)
+    print(f"{len(rows)} objects ({_size(total_bytes)}): {cached_count} cached, {len(rows) - cached_count} not cached")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from s3cache.ops import verify_cache
+
+    problems = verify_cache(args.cache_dir, fix=args.fix)
+    for problem in problems:
+        print(f"{problem.key}: {problem.reason}")
+    if not problems:
+        print("no problems found")
+        return 0
+    if not args.fix:
+        print(f"{len(problems)} problem(s) found; run `s3cache verify --fix` to remove damaged entries")
+        return EXIT_PROBLEMS
+    remaining = verify_cache(args.cache_dir)
+    print(f"{len(problems)} problem(s) found and fixed" if not remaining
+          else f"{len(problems)} problem(s) found, {len(remaining)} remain after fixing")
+    return EXIT_PROBLEMS if remaining else 0
+
+
+def _clear(args: argparse.Namespace) -> int:
+    from s3cache.ops import clear_cache
+
+    directory = Path(args.cache_dir or default_cache_dir()).expanduser()
+    what = (f"spec {args.spec}" if args.spec else f"listing {args.url} and its arrays" if args.url
+            else "every cached array, listing and spec")
+    if not args.yes and not _confirm(f"remove {what} from {directory}?"):
+        print("nothing removed")
+        return EXIT_PROBLEMS
+    removed = clear_cache(args.cache_dir, spec=args.spec, url=args.url)
+    print(f"removed {what}: {removed} arrays")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from s3cache.demo import run_demo
+
+    run_demo(images=args.images, epochs=args.epochs, image_size=tuple(args.image_size), batch_size=args.batch_size,
+             url=args.url, storage_options=_storage_options(args), cache_dir=args.cache_dir)
+    return 0
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+class _WarmProgress:
+    """Drives a tqdm bar from fill events and keeps the counts for an interrupted run."""
+
+    def __init__(self) -> None:
+        self.hits = self.stored = self.failed = self.bytes = 0
+        self._bar: Any = None
+
+    def listed(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="img", desc="warm", file=sys.stderr)
+
+    def __call__(self, event: Any) -> None:
+        if event.hit:
+            self.hits += 1
+        else:
+            self.bytes += event.obj.size
+            self.failed += event.failed
+            self.stored += not event.failed
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"hits {self.hits}, fetched {self.stored + self.failed}, "
+                                      f"{self.bytes / 1e6:.1f} MB", refresh=False)
+            self._bar.update()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _command(
+    commands: Any, name: str, handler: Callable[[argparse.Namespace], int], parents: list[argparse.ArgumentParser],
+    summary: str, example: str,
+) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, parents=parents, help=summary, description=summary + ".",
+                                 epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _cache_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--cache-dir", help="cache directory (default: $S3CACHE_DIR, else ~/.cache/s3cache)")
+    return parser
+
+
+def _s3_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("S3 access (standard AWS variables and profiles apply)")
+    group.add_argument("--endpoint-url", help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    group.add_argument("--anon", action="store_true", help="unsigned requests, for public buckets")
+    group.add_argument("--profile", help="AWS profile (default: $AWS_PROFILE, else the default profile)")
+    return parser
+
+
+def _spec_options() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("image spec (as in image_dataset_from_s3)")
+    group.add_argument("--image-size", type=int, nargs=2, required=True, metavar=("H", "W"), help="array size")
+    group.add_argument("--color-mode", choices=sorted(COLOR_MODES), default="rgb", help="default: rgb")
+    group.add_argument("--interpolation", choices=sorted(INTERPOLATIONS), default="bilinear",
+                       help="default: bilinear")
+    group.add_argument("--crop-to-aspect-ratio", action="store_true", help="center-crop to the target aspect ratio")
+    group.add_argument("--pad-to-aspect-ratio", action="store_true", help="pad to the target aspect ratio")
+    return parser
+
+
+def _spec_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"color_mode": args.color_mode, "interpolation": args.interpolation,
+            "crop_to_aspect_ratio": args.crop_to_aspect_ratio, "pad_to_aspect_ratio": args.pad_to_aspect_ratio}
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    """s3fs options from the flags; what is not given is left to botocore's own configuration chain."""
+    options: dict[str, Any] = {}
+    if args.endpoint_url:
+        options["endpoint_url"] = args.endpoint_url
+    if args.anon:
+        options["anon"] = True
+    if args.profile:
+        options["profile"] = args.profile
+    return options
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        raise ValueError(f"refusing to {question.rstrip('?')} without --yes (no terminal to confirm on)")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
+def _describe_spec(description: dict[str, Any]) -> str:
+    height, width = description.get("image_size", ("?", "?"))
+    flags = [name for name in ("crop_to_aspect_ratio", "pad_to_aspect_ratio") if description.get(name)]
+    return " ".join([f"{height}x{width}", str(description.get("color_mode")), str(description.get("interpolation")),
+                     *flags])
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors the user can act on (reported in one line), as opposed to bugs (reported with a traceback)."""
+    if isinstance(exc, S3CacheError | ValueError | OSError):
+        return True
+    # botocore raises its own configuration errors (unknown profile, bad region) before any request.
+    botocore_exceptions = sys.modules.get("botocore.exceptions")
+    return botocore_exceptions is not None and isinstance(exc, botocore_exceptions.BotoCoreError)

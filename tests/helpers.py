@@ -1,0 +1,49 @@
+"""Small helpers shared by the test modules."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from s3cache.locals3 import LocalS3
+
+
+def object_gets(s3: LocalS3) -> list[str]:
+    """Paths of the object GETs the server received (listings excluded)."""
+    return [path for method, path, query in s3.log()
+            if method == "GET" and path.strip("/").count("/") >= 1 and "list-type" not in query]
+
+
+def listings(s3: LocalS3) -> list[str]:
+    """Paths of the list requests the server received."""
+    return [path for method, path, query in s3.log() if method == "GET" and "list-type" in query]
+
+
+def dataset_options(s3: LocalS3, cache_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for image_dataset_from_s3 against the test server."""
+    options: dict[str, Any] = {"image_size": (32, 32), "batch_size": 8, "shuffle": False, "cache_dir": cache_dir,
+                               "storage_options": s3.storage_options, "verbose": False}
+    return options | overrides
+
+
+def all_batches(ds: Any) -> list[Any]:
+    """Every batch of one epoch, then the end-of-epoch hook, as Keras would."""
+    batches = [ds[i] for i in range(len(ds))]
+    ds.on_epoch_end()
+    return batches
+
+
+def stack_images(batches: list[Any]) -> np.ndarray:
+    """All images of an epoch's batches in one array."""
+    return np.concatenate([b[0] if isinstance(b, tuple) else b for b in batches])
+
+
+def encode(array: np.ndarray, fmt: str = "JPEG", **kwargs: Any) -> bytes:
+    """Encode an array with Pillow."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
