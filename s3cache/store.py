@@ -13,13 +13,15 @@ spec fingerprint. Three details make diskcache fit this job:
   (one SQLite write per image); instead we register a policy that culls by ``access_time``
   but leaves it alone on ``get``, and flush the recorded read times in one transaction
   every few hundred reads and before every cull.
-* ``size_limit`` is soft in diskcache (each ``set`` culls at most ``cull_limit`` rows), so we
-  set ``cull_limit=0`` and call :meth:`ArrayStore.cull` after each batch of writes: the
-  store then overshoots its limit by at most one batch.
+* ``size_limit`` is soft in diskcache (each ``set`` culls at most ``cull_limit`` rows, and
+  ``cull`` drops ten rows at a time), so we set ``cull_limit=0`` and evict ourselves in
+  :meth:`ArrayStore.cull`, called after each write: just enough least-recently-used rows to
+  get back under the limit. The store overshoots by at most the entries being written at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -49,6 +51,8 @@ diskcache.core.EVICTION_POLICY.setdefault(
 
 # Reads recorded in memory before their recency is written back in one transaction.
 TOUCH_FLUSH_EVERY = 512
+# Most rows one eviction round looks at (each round is one transaction).
+CULL_ROWS = 256
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -168,11 +172,37 @@ class ArrayStore:
         return bool(self._arrays.add(key, entry, tag=tag))
 
     def cull(self) -> int:
-        """Evict least-recently-used entries until the store is within its size limit."""
-        if self._arrays.volume() <= self.size_limit:
-            return 0
-        self.flush_touches()
-        return int(self._arrays.cull())
+        """Evict least-recently-used entries until the store is within its size limit.
+
+        diskcache's own ``cull`` deletes ten rows per round whatever they weigh; this deletes
+        just enough of the least recently used rows to cover the excess, one transaction per round.
+        """
+        removed = 0
+        while (excess := self._arrays.volume() - self.size_limit) > 0:
+            self.flush_touches()
+            victims = self._delete_least_recent(excess)
+            if not victims:
+                break
+            removed += len(victims)
+            for filename in victims:
+                if filename:
+                    self._arrays.disk.remove(filename)
+        return removed
+
+    def _delete_least_recent(self, excess: int) -> list[str | None]:
+        """Delete the least recently used rows whose sizes add up to ``excess``; return their files."""
+        with self._touch_lock, self._write_transaction() as con:
+            rows = con.execute(
+                "SELECT rowid, filename, MAX(size, IFNULL(LENGTH(value), 0)) FROM Cache"
+                " ORDER BY access_time LIMIT ?", (CULL_ROWS,)).fetchall()
+            chosen, covered = [], 0
+            for row in rows:
+                if covered >= excess:
+                    break
+                chosen.append(row)
+                covered += row[2]
+            con.executemany("DELETE FROM Cache WHERE rowid = ?", [(row[0],) for row in chosen])
+        return [row[1] for row in chosen]
 
     def volume(self) -> int:
         """Bytes used by the array store on disk (database plus value files)."""
@@ -235,19 +265,24 @@ class ArrayStore:
                 return
             rows = [(when, key) for key, when in self._touches.items()]
             self._touches.clear()
-            con = self._touch_connection()
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with self._write_transaction() as con:
                 con.executemany("UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", rows)
-            finally:
-                con.execute("COMMIT")
 
-    def _touch_connection(self) -> sqlite3.Connection:
+    @contextlib.contextmanager
+    def _write_transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on our own connection to diskcache's database (caller holds the lock)."""
         if self._touch_con is None:
             path = self.directory / "arrays" / "cache.db"
             self._touch_con = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
             self._touch_con.execute("PRAGMA synchronous = NORMAL")
-        return self._touch_con
+        con = self._touch_con
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            yield con
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
 
     # -- listings and specs -----------------------------------------------------------------------
 
