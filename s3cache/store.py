@@ -318,6 +318,12 @@ class ArrayStore:
         """Forget a spec description."""
         return bool(self._meta.delete(f"spec/{fingerprint}"))
 
+    def __enter__(self) -> ArrayStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Flush recorded reads and close the databases."""
         self.flush_touches()
