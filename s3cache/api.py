@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +46,7 @@ def image_dataset_from_s3(
     workers: int = 1,
     use_multiprocessing: bool = False,
     max_queue_size: int = 10,
+    shard: tuple[int, int] | str | None = None,
     verbose: bool = True,
 ) -> S3ImageDataset | tuple[S3ImageDataset, S3ImageDataset]:
     """A Keras dataset of the images under an S3 prefix, cached on local disk as resized arrays.
@@ -79,6 +82,8 @@ def image_dataset_from_s3(
         workers: ``keras.utils.PyDataset`` workers.
         use_multiprocessing: ``keras.utils.PyDataset`` option.
         max_queue_size: ``keras.utils.PyDataset`` option.
+        shard: ``(index, count)`` keeps every ``count``-th object starting at ``index`` (after the
+            validation split), for multi-worker training; ``"auto"`` reads them from ``TF_CONFIG``.
         verbose: Print how many files and classes were found.
 
     Returns:
@@ -108,16 +113,22 @@ def image_dataset_from_s3(
         raise ValueError(f'label_mode="binary" needs exactly 2 classes, found {len(names)}: {names}')
     if verbose:
         print(f"Found {len(objects)} files" + (f" belonging to {len(names)} classes." if labels else "."))
-    if shuffle:
+    if shuffle and validation_split:
+        # Shuffle before splitting, as Keras does; the seed makes every subset (and shard) agree.
         order = np.random.default_rng(seed).permutation(len(objects))
         objects, label_array = [objects[i] for i in order], label_array[order]
 
+    shard_index, shard_count = resolve_shard(shard)
+
     def build(part: slice) -> S3ImageDataset:
+        part_objects, part_labels = objects[part], label_array[part]
+        mine = slice(shard_index, None, shard_count)
+        largest_shard = math.ceil(len(part_objects) / shard_count)
         return S3ImageDataset(
-            objects[part], label_array[part] if labels is not None else None, names if labels else None,
+            part_objects[mine], part_labels[mine] if labels is not None else None, names if labels else None,
             spec, config, label_mode=label_mode if labels is not None else None, batch_size=batch_size,
-            shuffle=shuffle, seed=seed, dtype=dtype, workers=workers, use_multiprocessing=use_multiprocessing,
-            max_queue_size=max_queue_size,
+            shuffle=shuffle, seed=seed, dtype=dtype, steps_per_epoch=math.ceil(largest_shard / batch_size),
+            workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
         )
 
     if not validation_split:
@@ -131,6 +142,41 @@ def image_dataset_from_s3(
     if subset == "both":
         return build(train), build(val)
     return build(train if subset == "training" else val)
+
+
+def resolve_shard(shard: tuple[int, int] | str | None) -> tuple[int, int]:
+    """``(index, count)`` of this worker's shard: as given, from ``TF_CONFIG`` for ``"auto"``, else ``(0, 1)``.
+
+    Raises:
+        ValueError: An index outside ``0..count-1``, or an unknown value.
+    """
+    if shard is None:
+        return 0, 1
+    if shard == "auto":
+        return shard_from_tf_config(os.environ.get("TF_CONFIG", ""))
+    if isinstance(shard, str) or len(shard) != 2:
+        raise ValueError(f'shard must be (index, count), "auto" or None, got {shard!r}')
+    index, count = (int(v) for v in shard)
+    if not 0 <= index < count:
+        raise ValueError(f"shard index must be in 0..{count - 1}, got {index} (of {count})")
+    return index, count
+
+
+def shard_from_tf_config(tf_config: str) -> tuple[int, int]:
+    """This task's ``(index, count)`` among the chief and workers of a ``TF_CONFIG`` cluster.
+
+    The chief (if any) comes first, then the workers in order, as in TensorFlow's own numbering
+    of ``MultiWorkerMirroredStrategy`` tasks. Without a cluster, there is one shard.
+    """
+    config = json.loads(tf_config) if tf_config.strip() else {}
+    cluster, task = config.get("cluster", {}), config.get("task", {})
+    chiefs, workers = list(cluster.get("chief", [])), list(cluster.get("worker", []))
+    if not chiefs + workers:
+        return 0, 1
+    if task.get("type") not in ("chief", "worker"):
+        raise ValueError(f"TF_CONFIG task type {task.get('type')!r} does not train; give shard=(index, count)")
+    index = int(task.get("index", 0)) + (len(chiefs) if task["type"] == "worker" else 0)
+    return index, len(chiefs) + len(workers)
 
 
 def _check_arguments(labels: Any, label_mode: str | None, subset: str | None, validation_split: float | None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
@@ -36,6 +36,8 @@ class S3ImageDataset(keras.utils.PyDataset):
         dtype: ``"float32"`` or ``"uint8"`` images.
         readahead: Batches whose misses are fetched ahead of the one being served; ``None``
             picks enough to keep the S3 connections busy (none with ``use_multiprocessing``).
+        steps_per_epoch: Batches per epoch of :meth:`to_tf_dataset` (default ``len(self)``): the
+            largest shard's count, so that every worker of a sharded run takes as many steps.
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` for ``PyDataset``.
     """
 
@@ -53,6 +55,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         seed: int | None = None,
         dtype: str = "float32",
         readahead: int | None = None,
+        steps_per_epoch: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -73,6 +76,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         if readahead is None:
             readahead = 0 if self.use_multiprocessing else max(2, math.ceil(2 * config.concurrency / batch_size))
         self.readahead = readahead
+        self.steps_per_epoch = steps_per_epoch or len(self)
         self.epoch = 0
         self._order = self._epoch_order(0)
         self._loader: Loader | None = None
@@ -142,6 +146,36 @@ class S3ImageDataset(keras.utils.PyDataset):
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.close()
         self._loader = None
+
+    def to_tf_dataset(self) -> Any:
+        """This dataset as a ``tf.data.Dataset`` of batches with known shapes, reading through the cache.
+
+        Each iteration is one epoch of :attr:`steps_per_epoch` batches, reshuffled like the
+        ``PyDataset``; a shard with fewer batches than that repeats its first ones (from the
+        cache). Auto-sharding is off: under ``tf.distribute`` every worker keeps its own shard
+        (give ``shard=`` to :func:`~s3cache.image_dataset_from_s3`).
+        """
+        import tensorflow as tf
+
+        images = tf.TensorSpec((None, *self.spec.shape), tf.as_dtype(self.dtype))
+        if self.label_mode is None:
+            signature: Any = images
+        elif self.label_mode == "int":
+            signature = (images, tf.TensorSpec((None,), tf.int32))
+        else:
+            width = self.num_classes if self.label_mode == "categorical" else 1
+            signature = (images, tf.TensorSpec((None, width), tf.float32))
+
+        def one_epoch() -> Iterator[Any]:
+            for step in range(self.steps_per_epoch):
+                yield self[step % len(self)]
+            self.on_epoch_end()
+
+        dataset = tf.data.Dataset.from_generator(one_epoch, output_signature=signature)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        dataset = dataset.with_options(options).apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch))
+        return dataset.prefetch(2)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
