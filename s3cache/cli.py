@@ -10,14 +10,18 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from s3cache.errors import S3CacheError
 from s3cache.spec import COLOR_MODES, INTERPOLATIONS
 from s3cache.store import default_cache_dir
 
+if TYPE_CHECKING:
+    from s3cache.loader import FillProgress
+
 EXIT_ERROR = 2
 EXIT_PROBLEMS = 1
+EXIT_DECLINED = 1
 EXIT_INTERRUPTED = 130
 
 
@@ -177,7 +181,7 @@ def _clear(args: argparse.Namespace) -> int:
             else "every cached array, listing and spec")
     if not args.yes and not _confirm(f"remove {what} from {directory}?"):
         print("nothing removed")
-        return EXIT_PROBLEMS
+        return EXIT_DECLINED
     removed = clear_cache(args.cache_dir, spec=args.spec, url=args.url)
     print(f"removed {what}: {removed} arrays")
     return 0
@@ -206,7 +210,7 @@ class _WarmProgress:
 
         self._bar = tqdm(total=total, unit="img", desc="warm", file=sys.stderr)
 
-    def __call__(self, event: Any) -> None:
+    def __call__(self, event: FillProgress) -> None:
         if event.hit:
             self.hits += 1
         else:
@@ -285,10 +289,9 @@ def _confirm(question: str) -> bool:
 
 
 def _describe_spec(description: dict[str, Any]) -> str:
-    height, width = description.get("image_size", ("?", "?"))
-    flags = [name for name in ("crop_to_aspect_ratio", "pad_to_aspect_ratio") if description.get(name)]
-    return " ".join([f"{height}x{width}", str(description.get("color_mode")), str(description.get("interpolation")),
-                     *flags])
+    height, width = description["image_size"]
+    flags = [name for name in ("crop_to_aspect_ratio", "pad_to_aspect_ratio") if description[name]]
+    return " ".join([f"{height}x{width}", description["color_mode"], description["interpolation"], *flags])
 
 
 def _size(count: float) -> str:

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from s3cache.api import resolve_objects
 from s3cache.errors import CacheError, NotCachedError
-from s3cache.loader import FillProgress, Loader
+from s3cache.loader import FillProgress, Loader, resolve_objects
 from s3cache.source import DEFAULT_CONCURRENCY, S3Object, S3Source
 from s3cache.spec import ImageSpec
 from s3cache.store import ArrayStore, Problem, default_cache_dir, parse_size
