@@ -79,6 +79,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         self.steps_per_epoch = steps_per_epoch or len(self)
         self.epoch = 0
         self._order = self._epoch_order(0)
+        self._last_index: int | None = None
         self._loader: Loader | None = None
         self._loader_pid = -1
 
@@ -91,12 +92,8 @@ class S3ImageDataset(keras.utils.PyDataset):
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range for {len(self)} batches")
         loader = self.loader
-        batch = self._batch_objects(index)
-        # Queue this batch's misses ahead of the read-ahead ones, so they are fetched first.
-        loader.prefetch(batch)
-        loader.prefetch(obj for ahead in range(index + 1, min(index + 1 + self.readahead, len(self)))
-                        for obj in self._batch_objects(ahead))
-        arrays = loader.load(batch)
+        arrays = loader.load(self._batch_objects(index))
+        loader.prefetch(self._readahead_objects(index))
         kept = [i for i, array in enumerate(arrays) if array is not None]
         images = np.empty((len(kept), *self.spec.shape), dtype=self.dtype)
         for slot, i in enumerate(kept):
@@ -110,6 +107,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         """Reshuffle for the next epoch and write back cache recency."""
         self.epoch += 1
         self._order = self._epoch_order(self.epoch)
+        self._last_index = None
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.drop_prefetched()
             self._loader.store.flush_touches()
@@ -188,6 +186,18 @@ class S3ImageDataset(keras.utils.PyDataset):
         if not self.shuffle:
             return np.arange(len(self.objects))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.objects))
+
+    def _readahead_objects(self, index: int) -> list[S3Object]:
+        """The objects to read ahead after serving ``index``.
+
+        After a jump that is the whole window; in sequential order only the batch entering it,
+        since the previous calls asked for the others.
+        """
+        sequential = self._last_index is not None and index == self._last_index + 1
+        first = index + self.readahead if sequential else index + 1
+        self._last_index = index
+        return [obj for ahead in range(first, min(index + 1 + self.readahead, len(self)))
+                for obj in self._batch_objects(ahead)]
 
     def _batch_objects(self, index: int) -> list[S3Object]:
         positions = self._order[index * self.batch_size: (index + 1) * self.batch_size]
