@@ -244,7 +244,7 @@ class CacheConfig:
 
     cache_dir: str
     size_limit: int
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
     offline: bool = False
     on_error: str = "raise"
     concurrency: int = DEFAULT_CONCURRENCY

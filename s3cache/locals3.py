@@ -1,17 +1,20 @@
 """A local S3 endpoint on 127.0.0.1 for the demo, the tests and the benchmarks.
 
 The server half runs moto's S3 implementation behind a small WSGI middleware that counts and logs every
-S3 request, adds latency and injects faults on object GETs. It is started as its own process::
+S3 request, adds latency, injects faults on object GETs and denies access to chosen keys. It is started as
+its own process::
 
     python -m s3cache.locals3 --port 0 --latency-ms 20
 
 and prints ``LOCALS3 PORT <port>`` once it listens. The client half, :class:`LocalS3`, starts that process
 and drives the control API under ``/_locals3/`` (which is never counted):
 
-* ``GET /_locals3/stats`` -> ``{"requests": {"GET": n, ...}, "log": [[method, path, query], ...]}``
-* ``POST /_locals3/reset-stats`` zeroes the counts and the log.
+* ``GET /_locals3/stats`` -> ``{"requests": {"GET": n, ...}, "log": [[method, path, query], ...],
+  "faults": {"slow_down": n, "dropped": n, "denied": n}}``
+* ``POST /_locals3/reset-stats`` zeroes the counts, the log and the fault counts.
 * ``POST /_locals3/config`` with JSON ``{"latency_ms", "spike_every", "spike_ms", "fail_every",
-  "drop_every"}`` replaces the whole configuration (absent or 0 = off) and restarts the fault counters.
+  "drop_every", "deny"}`` replaces the whole configuration (absent, 0 or "" = off) and restarts the fault
+  counters.
 * ``POST /_locals3/reset`` zeroes the stats, restores the start-up configuration (``--latency-ms``, no
   faults) and deletes every bucket and object.
 
@@ -19,6 +22,8 @@ Faults apply to object GETs (``GET /bucket/key`` without a sub-resource such as 
 from the last ``config`` or ``reset``: every ``fail_every``-th one is answered ``503 SlowDown``; every
 ``drop_every``-th one sends its headers with the full ``Content-Length`` and the first half of the body,
 then closes the connection, so clients see a truncated body. When both fire on the same GET, the 503 wins.
+Independently, any S3 request (of any method) whose object key or listing prefix contains ``deny`` is
+answered ``403 AccessDenied``, as a bucket policy denying that part of the bucket would.
 """
 
 from __future__ import annotations
@@ -61,16 +66,17 @@ REGION = "us-east-1"
 _SUBRESOURCES = frozenset(
     {"acl", "attributes", "legal-hold", "restore", "retention", "tagging", "torrent", "uploadId"}
 )
-_SLOW_DOWN = (
+_ERROR = (
     '<?xml version="1.0" encoding="UTF-8"?>\n'
-    "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
+    "<Error><Code>{code}</Code><Message>{message}</Message>"
     "<Resource>{resource}</Resource><RequestId>{request_id}</RequestId></Error>"
 )
+FAULT_KINDS = ("slow_down", "dropped", "denied")
 
 
 @dataclass(frozen=True)
 class FaultConfig:
-    """Latency and fault settings of the server; 0 turns a setting off.
+    """Latency and fault settings of the server; 0 (or ``""``) turns a setting off.
 
     Attributes:
         latency_ms: Sleep before every S3 request.
@@ -78,6 +84,7 @@ class FaultConfig:
         spike_ms: Length of a latency spike.
         fail_every: Every N-th object GET is answered ``503 SlowDown``.
         drop_every: Every N-th object GET is cut off halfway through its body.
+        deny: Requests whose object key or listing prefix contains this substring get ``403 AccessDenied``.
     """
 
     latency_ms: float = 0.0
@@ -85,13 +92,14 @@ class FaultConfig:
     spike_ms: float = 0.0
     fail_every: int = 0
     drop_every: int = 0
+    deny: str = ""
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> FaultConfig:
         """Builds a config from JSON-like data, where absent settings are off.
 
         Raises:
-            ValueError: On unknown settings or values that are not non-negative numbers.
+            ValueError: On unknown settings, numbers that are negative or not numbers, or a non-string ``deny``.
         """
         known = {f.name: type(f.default) for f in fields(cls)}
         unknown = sorted(set(data) - set(known))
@@ -99,8 +107,11 @@ class FaultConfig:
             raise ValueError(f"unknown settings {unknown}; known: {sorted(known)}")
         values: dict[str, Any] = {}
         for name, kind in known.items():
-            value = data.get(name) or 0
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            value = data.get(name) or kind()
+            if kind is str:
+                if not isinstance(value, str):
+                    raise ValueError(f"{name} must be a string, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
             if kind is int and value != int(value):
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
@@ -115,6 +126,14 @@ def _every(n: int, count: int) -> bool:
 def _path(environ: WSGIEnvironment) -> str:
     # WSGI hands over the URL-decoded path as latin-1 code points; S3 keys are UTF-8.
     return str(environ.get("PATH_INFO", "")).encode("latin-1").decode("utf-8", "replace")
+
+
+def _is_denied(deny: str, path: str, query: str) -> bool:
+    if not deny:
+        return False
+    # Object requests are matched on their key, bucket requests (listings) on their prefix.
+    _, _, key = path.lstrip("/").partition("/")
+    return deny in (key or parse_qs(query).get("prefix", [""])[0])
 
 
 def _is_object_get(method: str, path: str, query: str) -> bool:
@@ -132,9 +151,12 @@ def _json(start_response: StartResponse, status: str, payload: object) -> list[b
     return _respond(start_response, status, json.dumps(payload).encode(), "application/json")
 
 
-def _slow_down(start_response: StartResponse, path: str) -> list[bytes]:
-    body = _SLOW_DOWN.format(resource=escape(path), request_id=uuid.uuid4().hex.upper()[:16])
-    return _respond(start_response, "503 Slow Down", body.encode(), "application/xml")
+def _error(
+    start_response: StartResponse, status: str, code: str, message: str, path: str, *, head: bool = False
+) -> list[bytes]:
+    body = _ERROR.format(code=code, message=message, resource=escape(path), request_id=uuid.uuid4().hex.upper()[:16])
+    # The server writes whatever it is given, and a body after a HEAD answer breaks the client's connection.
+    return _respond(start_response, status, b"" if head else body.encode(), "application/xml")
 
 
 def _cut_short(part: bytes, sock: socket.socket | None) -> Iterator[bytes]:
@@ -167,6 +189,7 @@ class Instrumented:
         self._log: list[tuple[str, str, str]] = []
         self._seen = 0
         self._object_gets = 0
+        self._fault_counts: Counter[str] = Counter()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         """Dispatches to the control API or to the instrumented S3 app."""
@@ -190,11 +213,19 @@ class Instrumented:
         delay_ms = faults.latency_ms + (faults.spike_ms if _every(faults.spike_every, seen) else 0.0)
         if delay_ms:
             time.sleep(delay_ms / 1000)
+        if _is_denied(faults.deny, path, query):
+            self._count_fault("denied")
+            return _error(start_response, "403 Forbidden", "AccessDenied", "Access Denied", path, head=method == "HEAD")
         if object_get and _every(faults.fail_every, object_gets):
-            return _slow_down(start_response, path)
+            self._count_fault("slow_down")
+            return _error(start_response, "503 Slow Down", "SlowDown", "Please reduce your request rate.", path)
         if object_get and _every(faults.drop_every, object_gets):
             return self._truncated(environ, start_response)
         return self._app(environ, start_response)
+
+    def _count_fault(self, kind: str) -> None:
+        with self._lock:
+            self._fault_counts[kind] += 1
 
     def _truncated(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         chunks: list[bytes] = []
@@ -215,6 +246,7 @@ class Instrumented:
         if not status.startswith(("200", "206")) or len(body) < 2:
             start_response(status, headers)
             return [body]
+        self._count_fault("dropped")
         headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
         start_response(status, [*headers, ("Content-Length", str(len(body)))])
         return _cut_short(body[: len(body) // 2], environ.get("werkzeug.socket"))
@@ -240,12 +272,14 @@ class Instrumented:
 
     def _stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"requests": dict(self._counts), "log": [list(entry) for entry in self._log]}
+            return {"requests": dict(self._counts), "log": [list(entry) for entry in self._log],
+                    "faults": {kind: self._fault_counts[kind] for kind in FAULT_KINDS}}
 
     def _reset_stats(self) -> None:
         with self._lock:
             self._counts.clear()
             self._log.clear()
+            self._fault_counts.clear()
 
     def _configure(self, faults: FaultConfig) -> None:
         with self._lock:
@@ -442,11 +476,16 @@ class LocalS3:
         """(method, URL-decoded path, query string) of each S3 request since the last stats reset."""
         return [(method, path, query) for method, path, query in self._call("GET", "stats")["log"]]
 
+    def faults(self) -> dict[str, int]:
+        """Faults injected since the last stats reset: ``slow_down`` (503s), ``dropped`` bodies, ``denied`` (403s)."""
+        counts: dict[str, int] = self._call("GET", "stats")["faults"]
+        return counts
+
     def reset_stats(self) -> None:
-        """Zeroes the request counts and the log."""
+        """Zeroes the request counts, the log and the fault counts."""
         self._call("POST", "reset-stats")
 
-    def configure(self, **faults: float) -> None:
+    def configure(self, **faults: float | str) -> None:
         """Replaces the latency and fault settings; see :class:`FaultConfig` (settings not given are off).
 
         Raises:

@@ -53,7 +53,8 @@ class ImageSpec:
             ``"area"``, ``"lanczos3"``, ...).
         crop_to_aspect_ratio: Center-crop to the target aspect ratio before resizing.
         pad_to_aspect_ratio: Pad (black) to the target aspect ratio before resizing.
-        max_pixels: Refuse images that declare more pixels than this.
+        max_pixels: Refuse images that declare more pixels than this. Pillow's own refusal (over twice
+            ``PIL.Image.MAX_IMAGE_PIXELS``) applies as well, also as :class:`ImageTooLargeError`.
     """
 
     image_size: tuple[int, int] = (256, 256)
@@ -127,7 +128,10 @@ class ImageSpec:
                 array = self._resize(self._convert(image))
         except DecodeError:
             raise
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:
+            # Pillow refuses over twice its own limit inside Image.open, before our check can run.
+            raise ImageTooLargeError(f"{url}: image refused before decoding, as a decompression bomb: {exc}") from exc
+        except (OSError, ValueError, SyntaxError) as exc:
             raise DecodeError(f"{url}: cannot decode image ({len(data)} bytes): {exc}") from exc
         return array
 

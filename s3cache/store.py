@@ -28,6 +28,7 @@ import re
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,9 +140,10 @@ class ArrayStore:
             self._meta = diskcache.Cache(str(self.directory / "meta"), eviction_policy="none",
                                          disk=RawDisk, statistics=False)
         except (OSError, sqlite3.Error) as exc:
+            # Not `s3cache clear`: it would have to open this same database.
             raise CacheError(
-                f"cannot open the cache in {self.directory}: {exc}. Check its permissions, or delete the "
-                "directory (or run `s3cache clear --cache-dir DIR --yes`) to start afresh."
+                f"cannot open the cache in {self.directory}: {exc}. Check that it is a writable directory; "
+                "if the cache is damaged, delete the directory to reset it (arrays are fetched from S3 again)."
             ) from exc
 
     # -- arrays ---------------------------------------------------------------------------------
@@ -155,6 +157,10 @@ class ArrayStore:
         """Read an entry and record the read for LRU; damaged entries are deleted and read as misses."""
         data = self._arrays.get(key)
         if data is None:
+            # diskcache reads a row whose value file is gone as a miss; put() only adds, so the row
+            # must go for the refetched array to be stored again.
+            if key in self._arrays:
+                self._arrays.delete(key)
             return None
         try:
             entry = codec.decode(data)
@@ -236,7 +242,7 @@ class ArrayStore:
         Returns:
             The problems found (before fixing).
         """
-        problems = [Problem("<database>", str(w.message)) for w in self._arrays.check(fix=fix)]
+        problems = self._check_database(fix)
         for key in list(self.keys()):
             try:
                 data = self._arrays.get(key)
@@ -247,6 +253,20 @@ class ArrayStore:
                 problems.append(Problem(key, str(exc)))
                 if fix:
                     self._arrays.delete(key)
+        return problems
+
+    def _check_database(self, fix: bool) -> list[Problem]:
+        """Run diskcache's check of the database, and of the value files against it."""
+        with warnings.catch_warnings():
+            # diskcache reports through warnings: no filter of the caller's may hide them.
+            warnings.simplefilter("always")
+            problems = [Problem("<database>", str(w.message)) for w in self._arrays.check(fix=fix)]
+            if fix and problems:
+                # Removing a value file orphaned by a crash can empty its directory, then that one's
+                # parent: each pass removes one level of emptied directories.
+                for _ in range(2):
+                    if not self._arrays.check(fix=True):
+                        break
         return problems
 
     # -- recency --------------------------------------------------------------------------------
