@@ -106,19 +106,15 @@ class Loader:
             DecodeError: An object cannot be decoded and ``on_error="raise"``.
             S3CacheError: S3 failed for a miss (see :mod:`s3cache.errors`).
         """
+        keys = [self.cache_key(obj) for obj in objects]
+        with self._lock:
+            waiting = {i: future for i, key in enumerate(keys) if (future := self._pending.pop(key, None))}
         entries: list[Entry | None] = [None] * len(objects)
-        waiting: dict[int, concurrent.futures.Future[Entry]] = {}
-        missing: list[int] = []
-        for index, obj in enumerate(objects):
-            with self._lock:
-                future = self._pending.pop(self.cache_key(obj), None)
-            if future is not None:
-                waiting[index] = future
-            elif (entry := self.store.get(self.cache_key(obj))) is not None:
-                entries[index] = entry
-            else:
-                missing.append(index)
-        self._count("hits", len(objects) - len(waiting) - len(missing))
+        stored = [i for i in range(len(objects)) if i not in waiting]
+        for index, entry in zip(stored, self.store.get_many([keys[i] for i in stored]), strict=True):
+            entries[index] = entry
+        missing = [i for i in stored if entries[i] is None]
+        self._count("hits", len(stored) - len(missing))
         if missing:
             if self.source is None:
                 raise NotCachedError.for_objects([objects[i].url for i in missing])
@@ -132,8 +128,9 @@ class Loader:
         if self.source is None:
             return
         with self._lock:
-            wanted = {self.cache_key(obj): obj for obj in objects if self.cache_key(obj) not in self._pending}
-        todo = [obj for key, obj in wanted.items() if key not in self.store]
+            wanted = {key: obj for obj in objects if (key := self.cache_key(obj)) not in self._pending}
+        cached = self.store.existing(list(wanted))
+        todo = [obj for key, obj in wanted.items() if key not in cached]
         futures = self._start(todo)
         with self._lock:
             self._pending.update(zip((self.cache_key(obj) for obj in todo), futures, strict=True))
@@ -151,16 +148,20 @@ class Loader:
     ) -> None:
         """Make sure every object is cached, fetching at most ``window`` objects ahead.
 
-        Decode failures are stored as failure records and reported through ``progress``; they
-        do not stop the fill. Interrupting it (Ctrl-C) cancels what is queued; every entry
-        stored so far stays valid.
+        Cached entries are read and checked, so damaged ones are fetched again. Decode failures
+        are stored as failure records and reported through ``progress``; they do not stop the
+        fill. Interrupting it (Ctrl-C) cancels what is queued; every entry stored so far stays
+        valid.
         """
         todo: list[S3Object] = []
-        for obj in objects:
-            if self.cache_key(obj) not in self.store:
-                todo.append(obj)
-            elif progress:
-                progress(FillProgress(obj, hit=True, failed=False))
+        for start in range(0, len(objects), window):
+            # Reading (not just probing) the entries finds damaged ones, which are then fetched again.
+            chunk = objects[start:start + window]
+            for obj, entry in zip(chunk, self.store.get_many([self.cache_key(o) for o in chunk]), strict=True):
+                if entry is None:
+                    todo.append(obj)
+                elif progress:
+                    progress(FillProgress(obj, hit=True, failed=False))
         self._count("hits", len(objects) - len(todo))
         if todo and self.source is None:
             raise NotCachedError.for_objects([obj.url for obj in todo])

@@ -10,9 +10,9 @@ spec fingerprint. Three details make diskcache fit this job:
 
 * :class:`RawDisk` stores ``bytes`` values and ``str`` keys only, so nothing is ever pickled.
 * Reads do not write. diskcache's own LRU policy updates ``access_time`` on every ``get``
-  (one SQLite write per image); instead we register a policy that culls by ``access_time``
-  but leaves it alone on ``get``, and flush the recorded read times in one transaction
-  every few hundred reads and before every cull.
+  (one SQLite write per image); instead reads are recorded in memory and written back in one
+  transaction, on a background thread, every few hundred reads (and before every eviction).
+  A batch of reads is one ``SELECT`` on a per-thread read-only connection.
 * ``size_limit`` is soft in diskcache (each ``set`` culls at most ``cull_limit`` rows, and
   ``cull`` drops ten rows at a time), so we set ``cull_limit=0`` and evict ourselves in
   :meth:`ArrayStore.cull`, called after each write: just enough least-recently-used rows to
@@ -21,6 +21,7 @@ spec fingerprint. Three details make diskcache fit this job:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -29,7 +30,7 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ diskcache.core.EVICTION_POLICY.setdefault(
 TOUCH_FLUSH_EVERY = 512
 # Most rows one eviction round looks at (each round is one transaction).
 CULL_ROWS = 256
+# Keys per SELECT, under SQLite's limit on bound parameters.
+SELECT_CHUNK = 500
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -104,6 +107,15 @@ class RawDisk(diskcache.Disk):
         return super().fetch(mode, filename, value, read)
 
 
+def _read_file(path: str, size: int) -> bytes:
+    """Read a value file of known size with the fewest system calls (a short read means damage)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, size + 1)  # one byte more than expected reveals a file that grew
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class Problem:
     """One damaged entry or inconsistency found by :meth:`ArrayStore.verify`."""
@@ -125,9 +137,14 @@ class ArrayStore:
 
     def __init__(self, directory: str | os.PathLike[str], size_limit: int | None = None) -> None:
         self.directory = Path(directory).expanduser()
-        self._touch_lock = threading.Lock()
+        self._touch_lock = threading.Lock()  # guards _touches
         self._touches: dict[str, float] = {}
+        self._write_lock = threading.Lock()  # guards _touch_con, our one writing connection
         self._touch_con: sqlite3.Connection | None = None
+        self._readers = threading.local()
+        # Recency is written back off the reading thread: a read never waits for a database write.
+        self._flusher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3cache-lru")
+        self._flushing: concurrent.futures.Future[None] | None = None
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             settings: dict[str, Any] = {"eviction_policy": LRU_POLICY, "cull_limit": 0, "disk": RawDisk,
@@ -154,21 +171,57 @@ class ArrayStore:
         return int(self._arrays.size_limit)
 
     def get(self, key: str) -> np.ndarray | codec.Failure | None:
-        """Read an entry and record the read for LRU; damaged entries are deleted and read as misses."""
-        data = self._arrays.get(key)
-        if data is None:
-            # diskcache reads a row whose value file is gone as a miss; put() only adds, so the row
-            # must go for the refetched array to be stored again.
-            if key in self._arrays:
-                self._arrays.delete(key)
+        """Read one entry (see :meth:`get_many`)."""
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[str]) -> list[np.ndarray | codec.Failure | None]:
+        """Read entries with one database query per batch, and record the reads for LRU.
+
+        Missing keys read as ``None``. So do damaged entries (bad header, length or checksum, or a
+        value file gone), which are deleted so that the caller's refetched array can be stored.
+        """
+        rows = self._select("key, mode, filename, size, value", keys)
+        entries = [self._entry(key, rows.get(key)) for key in keys]
+        self._record_touches([key for key, entry in zip(keys, entries, strict=True) if entry is not None])
+        return entries
+
+    def existing(self, keys: Sequence[str]) -> set[str]:
+        """Which of the keys have entries (one query per batch, no read recorded)."""
+        return set(self._select("key", keys))
+
+    def _select(self, columns: str, keys: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+        """Rows of the given keys, ``{key: (columns...)}``, in one query per SELECT_CHUNK keys."""
+        con = self._read_connection()
+        rows: dict[str, tuple[Any, ...]] = {}
+        for start in range(0, len(keys), SELECT_CHUNK):
+            chunk = keys[start:start + SELECT_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            cursor = con.execute(f"SELECT {columns} FROM Cache WHERE raw = 1 AND key IN ({marks})", chunk)
+            rows.update((row[0], row[1:]) for row in cursor)
+        return rows
+
+    def _entry(self, key: str, row: tuple[Any, ...] | None) -> np.ndarray | codec.Failure | None:
+        """Decode a row from :meth:`_select`; damaged or vanished entries are deleted and read as ``None``."""
+        if row is None:
             return None
+        mode, filename, size, value = row
         try:
-            entry = codec.decode(data)
-        except codec.CorruptEntryError:
+            if mode == diskcache.core.MODE_RAW and value is not None:
+                return codec.decode(bytes(value))
+            if mode == diskcache.core.MODE_BINARY and filename:
+                return codec.decode(_read_file(os.path.join(self._arrays.directory, filename), size))
+            raise codec.CorruptEntryError(f"unexpected storage mode {mode}")
+        except (OSError, codec.CorruptEntryError):
             self._arrays.delete(key)
             return None
-        self._record_touch(key)
-        return entry
+
+    def _read_connection(self) -> sqlite3.Connection:
+        """This thread's read-only connection to the array database (SQLite connections are per thread)."""
+        con: sqlite3.Connection | None = getattr(self._readers, "con", None)
+        if con is None:
+            uri = (self.directory / "arrays" / "cache.db").absolute().as_uri() + "?mode=ro"
+            con = self._readers.con = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None)
+        return con
 
     def __contains__(self, key: str) -> bool:
         return key in self._arrays
@@ -197,7 +250,7 @@ class ArrayStore:
 
     def _delete_least_recent(self, excess: int) -> list[str | None]:
         """Delete the least recently used rows whose sizes add up to ``excess``; return their files."""
-        with self._touch_lock, self._write_transaction() as con:
+        with self._write_lock, self._write_transaction() as con:
             rows = con.execute(
                 "SELECT rowid, filename, MAX(size, IFNULL(LENGTH(value), 0)) FROM Cache"
                 " ORDER BY access_time LIMIT ?", (CULL_ROWS,)).fetchall()
@@ -271,26 +324,30 @@ class ArrayStore:
 
     # -- recency --------------------------------------------------------------------------------
 
-    def _record_touch(self, key: str) -> None:
+    def _record_touches(self, keys: Sequence[str]) -> None:
+        """Note that keys were read; every TOUCH_FLUSH_EVERY reads, write them back on a background thread."""
+        if not keys:
+            return
+        now = time.time()
         with self._touch_lock:
-            self._touches[key] = time.time()
-            if len(self._touches) < TOUCH_FLUSH_EVERY:
-                return
-        self.flush_touches()
+            self._touches.update(dict.fromkeys(keys, now))
+            due = len(self._touches) >= TOUCH_FLUSH_EVERY and (self._flushing is None or self._flushing.done())
+            if due:
+                self._flushing = self._flusher.submit(self.flush_touches)
 
     def flush_touches(self) -> None:
         """Write recorded read times to the database in one transaction."""
-        with self._touch_lock:
-            if not self._touches:
-                return
-            rows = [(when, key) for key, when in self._touches.items()]
-            self._touches.clear()
-            with self._write_transaction() as con:
-                con.executemany("UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", rows)
+        with self._write_lock:
+            with self._touch_lock:
+                rows = [(when, key) for key, when in self._touches.items()]
+                self._touches = {}
+            if rows:
+                with self._write_transaction() as con:
+                    con.executemany("UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", rows)
 
     @contextlib.contextmanager
     def _write_transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction on our own connection to diskcache's database (caller holds the lock)."""
+        """A write transaction on our own connection to diskcache's database (caller holds the write lock)."""
         if self._touch_con is None:
             path = self.directory / "arrays" / "cache.db"
             self._touch_con = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
@@ -346,8 +403,9 @@ class ArrayStore:
 
     def close(self) -> None:
         """Flush recorded reads and close the databases."""
+        self._flusher.shutdown(wait=True)
         self.flush_touches()
-        with self._touch_lock:
+        with self._write_lock:
             if self._touch_con is not None:
                 self._touch_con.close()
                 self._touch_con = None
