@@ -10,7 +10,8 @@ spec fingerprint. Three details make diskcache fit this job:
 
 * :class:`RawDisk` stores ``bytes`` values and ``str`` keys only, so nothing is ever pickled.
 * Reads do not write. diskcache's own LRU policy updates ``access_time`` on every ``get``
-  (one SQLite write per image); instead reads are recorded in memory and written back in one
+  (one SQLite write per image); our policy (:data:`LRU_POLICY`) culls by ``access_time`` but
+  leaves it alone on reads. Reads are recorded in memory and written back in one
   transaction, on a background thread, every few hundred reads (and before every eviction).
   A batch of reads is one ``SELECT`` on a per-thread read-only connection.
 * ``size_limit`` is soft in diskcache (each ``set`` culls at most ``cull_limit`` rows, and
@@ -41,6 +42,8 @@ import numpy as np
 from s3cache import codec
 from s3cache.errors import CacheError
 
+# Our eviction policy for diskcache: index and cull by access_time (a true LRU), and never write
+# on a diskcache get; s3cache maintains access_time itself, in batches.
 LRU_POLICY = "s3cache-batched-lru"
 diskcache.core.EVICTION_POLICY.setdefault(
     LRU_POLICY,
