@@ -176,7 +176,9 @@ def list_objects(
         objects = resolve_objects(url, store, None if offline else S3Source(storage_options))
         loader = Loader(spec, store, None)
         try:
-            return [(obj, loader.cache_key(obj) in store) for obj in objects]
+            keys = [loader.cache_key(obj) for obj in objects]
+            cached = store.existing(keys)
+            return [(obj, key in cached) for obj, key in zip(objects, keys, strict=True)]
         finally:
             loader.close()
 
