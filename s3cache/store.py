@@ -12,7 +12,8 @@ spec fingerprint. Three details make diskcache fit this job:
 * Reads do not write. diskcache's own LRU policy updates ``access_time`` on every ``get``
   (one SQLite write per image); our policy (:data:`LRU_POLICY`) culls by ``access_time`` but
   leaves it alone on reads. Reads are recorded in memory and written back in one
-  transaction, on a background thread, every few hundred reads (and before every eviction).
+  transaction, on a background thread, every few hundred reads (and before every eviction);
+  an entry whose recency was refreshed in the last 30 seconds is not written again.
   A batch of reads is one ``SELECT`` on a per-thread read-only connection.
 * ``size_limit`` is soft in diskcache (each ``set`` culls at most ``cull_limit`` rows, and
   ``cull`` drops ten rows at a time), so we set ``cull_limit=0`` and evict ourselves in
@@ -56,6 +57,8 @@ diskcache.core.EVICTION_POLICY.setdefault(
 
 # Reads recorded in memory before their recency is written back in one transaction.
 TOUCH_FLUSH_EVERY = 512
+# A read refreshes an entry's recency only if its last refresh (or store) is older than this.
+RECENCY_RESOLUTION = 30.0
 # Most rows one eviction round looks at (each round is one transaction).
 CULL_ROWS = 256
 # Keys per SELECT, under SQLite's limit on bound parameters.
@@ -136,12 +139,21 @@ class ArrayStore:
         directory: The cache directory (created ``0700`` if missing).
         size_limit: Upper bound for the arrays, in bytes; ``None`` keeps the stored limit
             (10 GB for a new directory).
+        recency_resolution: Seconds within which a read does not refresh an entry's recency
+            again (like ``relatime``): entries used within that window count as equally recent,
+            and repeated epochs cost no database writes.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], size_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        size_limit: int | None = None,
+        recency_resolution: float = RECENCY_RESOLUTION,
+    ) -> None:
         self.directory = Path(directory).expanduser()
+        self.recency_resolution = recency_resolution
         self._touch_lock = threading.Lock()  # guards _touches
-        self._touches: dict[str, float] = {}
+        self._touches: dict[tuple[int, str], float] = {}
         self._write_lock = threading.Lock()  # guards _touch_con, our one writing connection
         self._touch_con: sqlite3.Connection | None = None
         self._readers = threading.local()
@@ -183,9 +195,11 @@ class ArrayStore:
         Missing keys read as ``None``. So do damaged entries (bad header, length or checksum, or a
         value file gone), which are deleted so that the caller's refetched array can be stored.
         """
-        rows = self._select("key, mode, filename, size, value", keys)
+        rows = self._select("key, mode, filename, size, value, rowid, access_time", keys)
         entries = [self._entry(key, rows.get(key)) for key in keys]
-        self._record_touches([key for key, entry in zip(keys, entries, strict=True) if entry is not None])
+        stale_before = time.time() - self.recency_resolution
+        self._record_touches([(rows[key][4], key) for key, entry in zip(keys, entries, strict=True)
+                              if entry is not None and rows[key][5] < stale_before])
         return entries
 
     def existing(self, keys: Sequence[str]) -> set[str]:
@@ -207,7 +221,7 @@ class ArrayStore:
         """Decode a row from :meth:`_select`; damaged or vanished entries are deleted and read as ``None``."""
         if row is None:
             return None
-        mode, filename, size, value = row
+        mode, filename, size, value = row[:4]
         try:
             if mode == diskcache.core.MODE_RAW and value is not None:
                 return codec.decode(bytes(value))
@@ -327,13 +341,13 @@ class ArrayStore:
 
     # -- recency --------------------------------------------------------------------------------
 
-    def _record_touches(self, keys: Sequence[str]) -> None:
-        """Note that keys were read; every TOUCH_FLUSH_EVERY reads, write them back on a background thread."""
-        if not keys:
+    def _record_touches(self, rows: Sequence[tuple[int, str]]) -> None:
+        """Note reads of ``(rowid, key)`` rows; every TOUCH_FLUSH_EVERY, write them back on a background thread."""
+        if not rows:
             return
         now = time.time()
         with self._touch_lock:
-            self._touches.update(dict.fromkeys(keys, now))
+            self._touches.update(dict.fromkeys(rows, now))
             due = len(self._touches) >= TOUCH_FLUSH_EVERY and (self._flushing is None or self._flushing.done())
             if due:
                 self._flushing = self._flusher.submit(self.flush_touches)
@@ -342,11 +356,12 @@ class ArrayStore:
         """Write recorded read times to the database in one transaction."""
         with self._write_lock:
             with self._touch_lock:
-                rows = [(when, key) for key, when in self._touches.items()]
+                updates = [(when, rowid, key) for (rowid, key), when in self._touches.items()]
                 self._touches = {}
-            if rows:
+            if updates:
                 with self._write_transaction() as con:
-                    con.executemany("UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", rows)
+                    # The key check guards against a rowid reused since the read.
+                    con.executemany("UPDATE Cache SET access_time = ? WHERE rowid = ? AND key = ?", updates)
 
     @contextlib.contextmanager
     def _write_transaction(self) -> Iterator[sqlite3.Connection]:

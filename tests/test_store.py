@@ -68,7 +68,7 @@ def test_reads_refresh_recency_in_batches_and_lru_evicts_least_recently_used(tmp
     empty = ArrayStore(tmp_path, parse_size("1GB"))
     base = empty.volume()
     empty.close()
-    store = ArrayStore(tmp_path, base + int(10.5 * ENTRY_BYTES))
+    store = ArrayStore(tmp_path, base + int(10.5 * ENTRY_BYTES), recency_resolution=0)
     for i in range(10):
         store.put(f"k{i}", codec.encode_array(ENTRY), tag="t")
     stored = access_times(tmp_path)
@@ -102,3 +102,16 @@ def test_epochs_read_through_a_cache_smaller_than_the_dataset(s3: LocalS3, bucke
     for (x1, y1), (x2, y2) in zip(first, second, strict=True):
         np.testing.assert_array_equal(x1, x2)
         np.testing.assert_array_equal(y1, y2)
+
+
+def test_recency_is_refreshed_at_most_once_per_resolution(tmp_path: Path) -> None:
+    store = ArrayStore(tmp_path, parse_size("1GB"), recency_resolution=0.2)
+    store.put("k", codec.encode_array(ENTRY), tag="t")
+    stored = access_times(tmp_path)["k"]
+    store.get("k")
+    store.flush_touches()
+    assert access_times(tmp_path)["k"] == stored  # stored moments ago: no write needed
+    time.sleep(0.25)
+    store.get("k")
+    store.flush_touches()
+    assert access_times(tmp_path)["k"] > stored + 0.2
