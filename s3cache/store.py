@@ -153,7 +153,7 @@ class ArrayStore:
         self.directory = Path(directory).expanduser()
         self.recency_resolution = recency_resolution
         self._touch_lock = threading.Lock()  # guards _touches
-        self._touches: dict[tuple[int, str], float] = {}
+        self._touches: set[int] = set()  # rowids read since the last flush
         self._write_lock = threading.Lock()  # guards _touch_con, our one writing connection
         self._touch_con: sqlite3.Connection | None = None
         self._readers = threading.local()
@@ -198,7 +198,7 @@ class ArrayStore:
         rows = self._select("key, mode, filename, size, value, rowid, access_time", keys)
         entries = [self._entry(key, rows.get(key)) for key in keys]
         stale_before = time.time() - self.recency_resolution
-        self._record_touches([(rows[key][4], key) for key, entry in zip(keys, entries, strict=True)
+        self._record_touches([rows[key][4] for key, entry in zip(keys, entries, strict=True)
                               if entry is not None and rows[key][5] < stale_before])
         return entries
 
@@ -341,27 +341,34 @@ class ArrayStore:
 
     # -- recency --------------------------------------------------------------------------------
 
-    def _record_touches(self, rows: Sequence[tuple[int, str]]) -> None:
-        """Note reads of ``(rowid, key)`` rows; every TOUCH_FLUSH_EVERY, write them back on a background thread."""
-        if not rows:
+    def _record_touches(self, rowids: Sequence[int]) -> None:
+        """Note reads of rows; every TOUCH_FLUSH_EVERY, write them back on a background thread."""
+        if not rowids:
             return
-        now = time.time()
         with self._touch_lock:
-            self._touches.update(dict.fromkeys(rows, now))
+            self._touches.update(rowids)
             due = len(self._touches) >= TOUCH_FLUSH_EVERY and (self._flushing is None or self._flushing.done())
             if due:
                 self._flushing = self._flusher.submit(self.flush_touches)
 
     def flush_touches(self) -> None:
-        """Write recorded read times to the database in one transaction."""
+        """Write recorded reads to the database: one transaction, one statement per SELECT_CHUNK rows.
+
+        All rows get the flush time: they were read since the last flush, well within the
+        recency resolution. One statement per chunk (not one per row) keeps the GIL released
+        while SQLite works, so the reading thread is not slowed down.
+        """
         with self._write_lock:
             with self._touch_lock:
-                updates = [(when, rowid, key) for (rowid, key), when in self._touches.items()]
-                self._touches = {}
-            if updates:
-                with self._write_transaction() as con:
-                    # The key check guards against a rowid reused since the read.
-                    con.executemany("UPDATE Cache SET access_time = ? WHERE rowid = ? AND key = ?", updates)
+                rowids, self._touches = list(self._touches), set()
+            if not rowids:
+                return
+            now = time.time()
+            with self._write_transaction() as con:
+                for start in range(0, len(rowids), SELECT_CHUNK):
+                    chunk = rowids[start:start + SELECT_CHUNK]
+                    con.execute(f"UPDATE Cache SET access_time = ? WHERE rowid IN ({','.join('?' * len(chunk))})",
+                                (now, *chunk))
 
     @contextlib.contextmanager
     def _write_transaction(self) -> Iterator[sqlite3.Connection]:
