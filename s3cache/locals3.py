@@ -315,10 +315,9 @@ def serve(port: int, startup: FaultConfig) -> None:
     )
     from werkzeug.serving import make_server
 
+    # werkzeug closes the connection after every response (no keep-alive): each request pays a
+    # TCP connect on loopback, for every client and benchmark contender alike.
     class QuietHandler(MotoRequestHandler):
-        # Keep-alive, as S3 offers: a new TCP connection per request would distort benchmarks.
-        protocol_version = "HTTP/1.1"
-
         # A line on stderr per request would slow benchmarks down and flood test output.
         def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
             pass

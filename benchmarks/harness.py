@@ -1,0 +1,275 @@
+"""Shared pieces of the benchmarks: the workload description, epoch timing and the endpoint's counters.
+
+Not run by itself; ``compare.py``, ``contenders.py`` and ``scale.py`` import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import resource
+import sqlite3
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import psutil
+
+# Set before anything imports Keras or TensorFlow, which read them once at import time.
+BENCH_ENV = {
+    "KERAS_BACKEND": "tensorflow",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    # Only the local endpoint is used: never pick up a real AWS profile or the instance metadata service.
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+CONTROL_STATS = "/_locals3/stats"
+# ArrayStore's method that records reads for LRU; the "LRU off" runs replace it with a no-op.
+RECENCY_HOOK = "_record_touches"
+# The LRU comparisons: recency off, on with entries used just now, on with entries used long ago.
+RECENCY_SETTINGS = ("off", "fresh", "stale")
+# Older than any recency resolution the store may use.
+STALE_AGE_S = 3600.0
+PACKAGES = ["s3cache", "tensorflow", "keras", "numpy", "pillow", "diskcache", "boto3", "aiobotocore", "s3fs",
+            "fsspec", "moto"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What every contender reads, and where.
+
+    Attributes:
+        endpoint_url: The local S3 endpoint.
+        storage_options: ``s3fs`` options that reach it.
+        bucket: Bucket holding the photos.
+        prefix: Key prefix of the class folders, ending in ``/``.
+        local_dir: A local copy of the same files, same class folders.
+        work_dir: Scratch space; each contender gets a subfolder.
+        cache_dir: The s3cache cache shared by the cold, offline and LRU runs.
+        images: Photos in the dataset.
+        seed_images: Photos the seed recipe reads (a subset when smaller than ``images``).
+        image_size: ``(height, width)`` of the arrays.
+        batch_size: Images per batch.
+        epochs: Passes per contender.
+        lru_rounds: Warm passes per setting in the LRU comparison.
+        server_pid: The endpoint's process, whose CPU time is read around every epoch.
+    """
+
+    endpoint_url: str
+    storage_options: dict[str, Any]
+    bucket: str
+    prefix: str
+    local_dir: str
+    work_dir: str
+    cache_dir: str
+    images: int
+    seed_images: int
+    image_size: tuple[int, int]
+    batch_size: int
+    epochs: int = 2
+    lru_rounds: int = 5
+    server_pid: int = 0
+
+    @property
+    def url(self) -> str:
+        """The ``s3://`` prefix of the dataset."""
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def scratch(self, name: str) -> Path:
+        """An empty-on-first-use folder for one contender."""
+        path = Path(self.work_dir) / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def save(self, path: Path) -> None:
+        """Write the workload as JSON."""
+        path.write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: Path) -> Workload:
+        """Read a workload written by :meth:`save`."""
+        data = json.loads(path.read_text())
+        return cls(**data | {"image_size": tuple(data["image_size"])})
+
+
+@dataclass
+class Epoch:
+    """One timed pass over the data.
+
+    Attributes:
+        label: ``"1"``, ``"2"``, or a summary such as ``"median of 5"``.
+        images: Images delivered.
+        seconds: Wall time of the pass.
+        s3_requests: Requests the endpoint received during the pass.
+        peak_rss_mb: The process's peak resident memory at the end of the pass.
+        cpu_seconds: CPU time of the contender's process (all threads) during the pass.
+        server_cpu_seconds: CPU time of the endpoint's process during the pass.
+    """
+
+    label: str
+    images: int
+    seconds: float
+    s3_requests: int
+    peak_rss_mb: float
+    cpu_seconds: float = 0.0
+    server_cpu_seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput of the pass."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Run:
+    """What one contender measured.
+
+    Attributes:
+        name: Short key, e.g. ``"s3cache"``.
+        label: Description for tables and charts.
+        epochs: The timed passes.
+        setup_s3_requests: Requests before the first pass (listing).
+        note: Caveats shown in the table, e.g. a measured subset.
+        extra: Anything else worth keeping in the JSON.
+    """
+
+    name: str
+    label: str
+    epochs: list[Epoch]
+    setup_s3_requests: int = 0
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict, throughput included."""
+        return asdict(self) | {"epochs": [asdict(e) | {"images_per_s": e.images_per_s} for e in self.epochs]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Run:
+        """Inverse of :meth:`to_json`."""
+        epochs = [Epoch(**{k: v for k, v in e.items() if k != "images_per_s"}) for e in data["epochs"]]
+        return cls(**data | {"epochs": epochs})
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def server_requests(endpoint_url: str) -> int:
+    """S3 requests the local endpoint received since its last stats reset (its control API is not counted)."""
+    # No proxy: an HTTP(S)_PROXY in the environment must not capture calls to 127.0.0.1.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(endpoint_url + CONTROL_STATS, timeout=30) as response:
+        return sum(json.load(response)["requests"].values())
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def timed_epoch(label: str, workload: Workload, run_epoch: Callable[[], int]) -> Epoch:
+    """Time one pass; count the endpoint's requests and both processes' CPU time during it.
+
+    Args:
+        label: The epoch's label.
+        workload: Names the endpoint and its process.
+        run_epoch: Makes the pass and returns how many images it delivered.
+    """
+    server = psutil.Process(workload.server_pid)
+    requests, server_cpu = server_requests(workload.endpoint_url), _cpu_seconds(server)
+    cpu, start = time.process_time(), time.perf_counter()
+    images = run_epoch()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    # The server's CPU before its counters: answering the stats call is not part of the epoch.
+    server_cpu = _cpu_seconds(server) - server_cpu
+    return Epoch(label, images, seconds, server_requests(workload.endpoint_url) - requests, peak_rss_mb(), cpu,
+                 server_cpu)
+
+
+def timed_epochs(workload: Workload, run_epoch: Callable[[int], int], labels: list[str] | None = None) -> list[Epoch]:
+    """Time ``workload.epochs`` passes; ``run_epoch(i)`` makes pass ``i`` (from 0) and returns its image count."""
+    labels = labels or [str(i + 1) for i in range(workload.epochs)]
+    return [timed_epoch(labels[i], workload, lambda i=i: run_epoch(i)) for i in range(workload.epochs)]
+
+
+def _no_touch(self: Any, *args: Any) -> None:
+    """Stands in for the store's recency hook: no read is recorded, so nothing is flushed either."""
+
+
+def recency(setting: str) -> contextlib.AbstractContextManager[Any]:
+    """LRU recency tracking switched off (``"off"``) or as shipped (any other setting) for this process."""
+    from s3cache.store import ArrayStore
+
+    if setting == "off":
+        return mock.patch.object(ArrayStore, RECENCY_HOOK, _no_touch)
+    return contextlib.nullcontext()
+
+
+def stamp_recency(cache_dir: str | os.PathLike[str], setting: str) -> None:
+    """Make every cached entry look last used just now (``"fresh"``) or an hour ago (any other setting).
+
+    The store writes a read back only when the entry's recency is older than its resolution, so passes
+    over fresh entries (epochs shorter than the resolution) write nothing, while every read of a stale
+    entry (epochs longer than it, as in most real training) is written back. Set straight in the array
+    database, before the pass.
+
+    Args:
+        cache_dir: The cache directory.
+        setting: ``"fresh"`` for just now; anything else for an hour ago.
+    """
+    when = time.time() - (0.0 if setting == "fresh" else STALE_AGE_S)
+    database = Path(cache_dir) / "arrays" / "cache.db"
+    with contextlib.closing(sqlite3.connect(database, timeout=60)) as con:
+        with con:
+            con.execute("UPDATE Cache SET access_time = ?", (when,))
+        # Fold this rewrite of every row into the database now, not during the timed pass.
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers come from: CPU, memory, load, Python, library versions and the s3cache source."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "memory_gib": round(memory, 1), "load_average_1m": os.getloadavg()[0],
+            "python": platform.python_version(), "packages": {name: metadata.version(name) for name in PACKAGES},
+            "s3cache_source": _source_state()}
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    """One line about the machine and the s3cache source, for result headers."""
+    source = info["s3cache_source"]
+    changes = f" with uncommitted changes {source['uncommitted_s3cache_diff_sha256']}" if (
+        source["uncommitted_s3cache_diff_sha256"]) else ""
+    return (f"Machine: {info['cpus']} CPUs, {info['memory_gib']} GiB, load average {info['load_average_1m']:.1f} "
+            f"at the start, Python {info['python']}, TensorFlow {info['packages']['tensorflow']}; "
+            f"s3cache at {source['commit']}{changes}.")
+
+
+def _source_state() -> dict[str, str]:
+    """The commit measured, and a digest of uncommitted changes to the package (numbers depend on both)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    diff = git("diff", "HEAD", "--", "s3cache")
+    digest = "unknown" if diff is None else hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else ""
+    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown", "uncommitted_s3cache_diff_sha256": digest}
+
+
+def batches(items: list[Any], size: int) -> list[list[Any]]:
+    """Split a list into consecutive batches of ``size`` (the last one may be shorter)."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
