@@ -110,7 +110,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         self._last_index = None
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.drop_prefetched()
-            self._loader.store.flush_touches()
+            self._loader.store.flush_touches_soon()
 
     # -- public extras ----------------------------------------------------------------------------
 

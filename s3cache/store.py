@@ -347,8 +347,14 @@ class ArrayStore:
             return
         with self._touch_lock:
             self._touches.update(rowids)
-            due = len(self._touches) >= TOUCH_FLUSH_EVERY and (self._flushing is None or self._flushing.done())
-            if due:
+            due = len(self._touches) >= TOUCH_FLUSH_EVERY
+        if due:
+            self.flush_touches_soon()
+
+    def flush_touches_soon(self) -> None:
+        """Write recorded reads back on the background thread (unless a flush is already queued)."""
+        with self._touch_lock:
+            if self._touches and (self._flushing is None or self._flushing.done()):
                 self._flushing = self._flusher.submit(self.flush_touches)
 
     def flush_touches(self) -> None:
