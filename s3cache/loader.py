@@ -130,10 +130,10 @@ class Loader:
         with self._lock:
             wanted = {key: obj for obj in objects if (key := self.cache_key(obj)) not in self._pending}
         cached = self.store.existing(list(wanted))
-        todo = [obj for key, obj in wanted.items() if key not in cached]
-        futures = self._start(todo)
+        todo = {key: obj for key, obj in wanted.items() if key not in cached}
+        futures = self._start(list(todo.values()))
         with self._lock:
-            self._pending.update(zip((self.cache_key(obj) for obj in todo), futures, strict=True))
+            self._pending.update(zip(todo, futures, strict=True))
 
     def drop_prefetched(self) -> None:
         """Forget finished read-ahead results nobody asked for (their arrays are in the store)."""

@@ -63,6 +63,8 @@ RECENCY_RESOLUTION = 30.0
 CULL_ROWS = 256
 # Keys per SELECT, under SQLite's limit on bound parameters.
 SELECT_CHUNK = 500
+# The columns an entry is decoded from (see ArrayStore._decode_row).
+_ENTRY_COLUMNS = "key, mode, filename, size, value"
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -195,7 +197,7 @@ class ArrayStore:
         Missing keys read as ``None``. So do damaged entries (bad header, length or checksum, or a
         value file gone), which are deleted so that the caller's refetched array can be stored.
         """
-        rows = self._select("key, mode, filename, size, value, rowid, access_time", keys)
+        rows = self._select(_ENTRY_COLUMNS + ", rowid, access_time", keys)
         entries = [self._entry(key, rows.get(key)) for key in keys]
         stale_before = time.time() - self.recency_resolution
         self._record_touches([rows[key][4] for key, entry in zip(keys, entries, strict=True)
@@ -221,16 +223,25 @@ class ArrayStore:
         """Decode a row from :meth:`_select`; damaged or vanished entries are deleted and read as ``None``."""
         if row is None:
             return None
-        mode, filename, size, value = row[:4]
         try:
-            if mode == diskcache.core.MODE_RAW and value is not None:
-                return codec.decode(bytes(value))
-            if mode == diskcache.core.MODE_BINARY and filename:
-                return codec.decode(_read_file(os.path.join(self._arrays.directory, filename), size))
-            raise codec.CorruptEntryError(f"unexpected storage mode {mode}")
+            return self._decode_row(row)
         except (OSError, codec.CorruptEntryError):
             self._arrays.delete(key)
             return None
+
+    def _decode_row(self, row: tuple[Any, ...]) -> np.ndarray | codec.Failure:
+        """Decode the :data:`_ENTRY_COLUMNS` of a row, reading its value file if it has one.
+
+        Raises:
+            OSError: The value file cannot be read.
+            codec.CorruptEntryError: The entry is damaged or stored in an unexpected mode.
+        """
+        mode, filename, size, value = row[:4]
+        if mode == diskcache.core.MODE_RAW and value is not None:
+            return codec.decode(bytes(value))
+        if mode == diskcache.core.MODE_BINARY and filename:
+            return codec.decode(_read_file(os.path.join(self._arrays.directory, filename), size))
+        raise codec.CorruptEntryError(f"unexpected storage mode {mode}")
 
     def _read_connection(self) -> sqlite3.Connection:
         """This thread's read-only connection to the array database (SQLite connections are per thread)."""
@@ -313,16 +324,17 @@ class ArrayStore:
             The problems found (before fixing).
         """
         problems = self._check_database(fix)
-        for key in list(self.keys()):
-            try:
-                data = self._arrays.get(key)
-                if data is None:
-                    continue  # evicted meanwhile
-                codec.decode(data)
-            except (codec.CorruptEntryError, OSError) as exc:
-                problems.append(Problem(key, str(exc)))
-                if fix:
-                    self._arrays.delete(key)
+        keys = list(self.keys())
+        for start in range(0, len(keys), SELECT_CHUNK):
+            for key, row in self._select(_ENTRY_COLUMNS, keys[start:start + SELECT_CHUNK]).items():
+                try:
+                    self._decode_row(row)
+                except FileNotFoundError:
+                    continue  # evicted meanwhile, or a missing file the database check reported
+                except (codec.CorruptEntryError, OSError) as exc:
+                    problems.append(Problem(key, str(exc)))
+                    if fix:
+                        self._arrays.delete(key)
         return problems
 
     def _check_database(self, fix: bool) -> list[Problem]:
