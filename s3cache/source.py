@@ -158,12 +158,11 @@ class S3Source:
     async def _call(self, url: str, method: str, **kwargs: Any) -> dict[str, Any]:
         """One S3 API call with bounded, jittered exponential backoff on transient errors."""
         fs = self.fs
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.concurrency)
         return await self._with_retries(url, method, lambda: fs._call_s3(method, **kwargs))
 
     async def _with_retries(self, url: str, what: str, attempt: Callable[[], Awaitable[_T]]) -> _T:
-        assert self._semaphore is not None
+        if self._semaphore is None:  # created on the event loop, once per process (see fs)
+            self._semaphore = asyncio.Semaphore(self.concurrency)
         for number in range(1, self.attempts + 1):
             try:
                 async with self._semaphore:
@@ -230,8 +229,6 @@ class S3Source:
             The bytes and the ETag of the version actually read.
         """
         fs = self.fs
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.concurrency)
 
         async def attempt() -> tuple[bytes, str]:
             response = await fs._call_s3("get_object", Bucket=obj.bucket, Key=obj.key)
