@@ -4,7 +4,7 @@ Run from the repository root, in the project's virtual environment (``pip instal
 
     python benchmarks/compare.py --latency-ms 20 --latency-ms 100 --out compare
 
-Per latency setting it starts one local S3 endpoint (``s3cache.locals3.LocalS3``: moto in its own process,
+Per latency setting it starts one local S3 endpoint (``s3cache.testing.locals3.LocalS3``: moto in its own process,
 sleeping ``--latency-ms`` before every request and counting requests), uploads ``--images`` real photos
 once, and runs every contender of ``contenders.py`` in its own process for two epochs, zeroing the
 endpoint's counters in between. It prints a Markdown table per latency with the ratios and targets of the
@@ -32,8 +32,8 @@ from profiling import py_spy_command
 from profiling import summarize as summarize_profile
 from report import Target, chart, markdown, summarize
 
-from s3cache.locals3 import LocalS3
-from s3cache.sampledata import make_photos, upload_photos, write_photos
+from s3cache.testing.locals3 import LocalS3
+from s3cache.testing.sampledata import make_photos, upload_photos, write_photos
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -130,7 +130,7 @@ def run_latency(latency_ms: float, photos: list[tuple[str, bytes]], local_dir: P
 
 def _server_pid() -> int:
     """The endpoint's process: LocalS3 starts it as a child of this one."""
-    servers = [p.pid for p in psutil.Process().children() if "s3cache.locals3" in " ".join(p.cmdline())]
+    servers = [p.pid for p in psutil.Process().children() if "s3cache.testing.locals3" in " ".join(p.cmdline())]
     if len(servers) != 1:
         raise RuntimeError(f"expected one local S3 server process, found {len(servers)}")
     return servers[0]

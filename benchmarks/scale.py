@@ -8,7 +8,7 @@ Part 1 fills array stores of 1k, 10k and 100k small images (``--image-size``, de
 ``ArrayStore.put``, ``codec.encode_array`` and ``Loader.cache_key`` (no S3), then reads ``--reads`` of
 them in random batches through ``S3ImageDataset`` offline, alternating LRU recency tracking on and off,
 and reports microseconds per image. Part 2 puts ``--listing-keys`` empty objects on a local S3 endpoint
-(``s3cache.locals3.LocalS3``) and times the live listing through it against loading the stored listing.
+(``s3cache.testing.locals3.LocalS3``) and times the live listing through it against loading the stored listing.
 It prints Markdown tables and writes ``benchmarks/results/<out>.json``, ``<out>.md`` and ``<out>.png``.
 About five minutes on two cores, most of it uploading 100k keys (``--listing-keys 10000`` for a quick look).
 """
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 from harness import BENCH_ENV, RECENCY_SETTINGS, describe_machine, machine, recency, stamp_recency
 
-from s3cache.locals3 import LocalS3
 from s3cache.source import S3Object
+from s3cache.testing.locals3 import LocalS3
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

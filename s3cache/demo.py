@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from s3cache.dataset import S3ImageDataset
-    from s3cache.locals3 import LocalS3
+    from s3cache.testing.locals3 import LocalS3
 
 DEMO_BUCKET = "s3cache-demo"
 DEMO_PREFIX = "photos/"
@@ -157,8 +157,8 @@ def _import_keras() -> Any:
 
 
 def _start_embedded_s3(stack: ExitStack, images: int, out: Callable[[str], None]) -> LocalS3:
-    from s3cache.locals3 import LocalS3
-    from s3cache.sampledata import make_photos, upload_photos
+    from s3cache.testing.locals3 import LocalS3
+    from s3cache.testing.sampledata import make_photos, upload_photos
 
     server = stack.enter_context(LocalS3(latency_ms=DEMO_LATENCY_MS))
     photos = make_photos(images)

@@ -17,8 +17,8 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 
 import pytest  # noqa: E402
 
-from s3cache.locals3 import LocalS3  # noqa: E402
-from s3cache.sampledata import make_photos, upload_photos  # noqa: E402
+from s3cache.testing.locals3 import LocalS3  # noqa: E402
+from s3cache.testing.sampledata import make_photos, upload_photos  # noqa: E402
 
 PHOTO_BUCKET = "photos"
 PHOTO_PREFIX = "train/"

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from s3cache.locals3 import LocalS3
+from s3cache.testing.locals3 import LocalS3
 
 
 def object_gets(s3: LocalS3) -> list[str]:

@@ -19,8 +19,8 @@ from helpers import listings, object_gets
 
 from s3cache import ops
 from s3cache.cli import main
-from s3cache.locals3 import LocalS3
-from s3cache.sampledata import make_photos, upload_photos
+from s3cache.testing.locals3 import LocalS3
+from s3cache.testing.sampledata import make_photos, upload_photos
 
 URL = "s3://photos/train/"
 SECRET = "cli-secret-that-must-never-be-printed"

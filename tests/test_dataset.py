@@ -22,7 +22,7 @@ from s3cache.errors import (
     EndpointUnreachableError,
     NotCachedError,
 )
-from s3cache.locals3 import LocalS3
+from s3cache.testing.locals3 import LocalS3
 
 URL = "s3://photos/train/"
 

@@ -18,8 +18,8 @@ from PIL import Image
 
 import s3cache
 from s3cache.errors import DecodeError, ImageTooLargeError
-from s3cache.locals3 import LocalS3
 from s3cache.spec import ImageSpec
+from s3cache.testing.locals3 import LocalS3
 
 BUCKET = "odd"
 PIXELS = np.random.default_rng(7).integers(0, 256, (12, 16, 3), dtype=np.uint8)

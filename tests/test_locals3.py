@@ -11,9 +11,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, ResponseStreamingError
 from PIL import Image
 
-from s3cache import locals3 as locals3_module
-from s3cache.locals3 import LocalS3
-from s3cache.sampledata import make_photos, photo_classes
+from s3cache.testing import locals3 as locals3_module
+from s3cache.testing.locals3 import LocalS3
+from s3cache.testing.sampledata import make_photos, photo_classes
 
 NO_RETRIES = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 

@@ -10,7 +10,7 @@ from helpers import object_gets
 from s3cache import ops
 from s3cache.errors import CacheError, NotCachedError
 from s3cache.loader import FillProgress
-from s3cache.locals3 import LocalS3
+from s3cache.testing.locals3 import LocalS3
 
 URL = "s3://photos/train/"
 

@@ -10,8 +10,8 @@ import pytest
 from helpers import dataset_options, object_gets
 
 import s3cache
-from s3cache.locals3 import LocalS3
 from s3cache.store import ArrayStore
+from s3cache.testing.locals3 import LocalS3
 
 URL = "s3://photos/train/"
 

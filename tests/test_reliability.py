@@ -36,10 +36,10 @@ from s3cache.errors import (
     S3CacheError,
     S3RequestError,
 )
-from s3cache.locals3 import ACCESS_KEY, REGION, SECRET_KEY, LocalS3
 from s3cache.source import DEFAULT_ATTEMPTS
 from s3cache.spec import ImageSpec
 from s3cache.store import ArrayStore
+from s3cache.testing.locals3 import ACCESS_KEY, REGION, SECRET_KEY, LocalS3
 
 URL = "s3://photos/train/"
 SMALL = ImageSpec((32, 32))

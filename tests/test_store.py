@@ -14,8 +14,8 @@ from helpers import all_batches, dataset_options
 
 import s3cache
 from s3cache import codec
-from s3cache.locals3 import LocalS3
 from s3cache.store import ArrayStore, parse_size
+from s3cache.testing.locals3 import LocalS3
 
 ENTRY = np.arange(128 * 128 * 3, dtype=np.uint32).astype(np.uint8).reshape(128, 128, 3)
 ENTRY_BYTES = len(codec.encode_array(ENTRY))

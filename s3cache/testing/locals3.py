@@ -4,7 +4,7 @@ The server half runs moto's S3 implementation behind a small WSGI middleware tha
 S3 request, adds latency, injects faults on object GETs and denies access to chosen keys. It is started as
 its own process::
 
-    python -m s3cache.locals3 --port 0 --latency-ms 20
+    python -m s3cache.testing.locals3 --port 0 --latency-ms 20
 
 and prints ``LOCALS3 PORT <port>`` once it listens. The client half, :class:`LocalS3`, starts that process
 and drives the control API under ``/_locals3/`` (which is never counted):
@@ -55,7 +55,7 @@ from xml.sax.saxutils import escape
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-SERVER_MODULE = "s3cache.locals3"
+SERVER_MODULE = "s3cache.testing.locals3"
 CONTROL_PREFIX = "/_locals3/"
 PORT_LINE = re.compile(r"^LOCALS3 PORT (\d+)$")
 ACCESS_KEY = "testing"
@@ -525,7 +525,7 @@ def _pump(stream: IO[str] | None, lines: queue.Queue[str | None]) -> None:
 
 def _child_env() -> dict[str, str]:
     # The child must import this package even when it is not installed (e.g. tests run from a checkout).
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([root, path]) if path else root}
 
