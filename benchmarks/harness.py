@@ -34,8 +34,8 @@ BENCH_ENV = {
     "AWS_EC2_METADATA_DISABLED": "true",
 }
 CONTROL_STATS = "/_locals3/stats"
-# ArrayStore's method that records reads for LRU; the "LRU off" runs replace it with a no-op.
-RECENCY_HOOK = "_record_touches"
+# RecencyLog's method that notes reads for LRU; the "LRU off" runs replace it with a no-op.
+RECENCY_HOOK = "note"
 # The LRU comparisons: recency off, on with entries used just now, on with entries used long ago.
 RECENCY_SETTINGS = ("off", "fresh", "stale")
 # Older than any recency resolution the store may use.
@@ -210,10 +210,10 @@ def _no_touch(self: Any, *args: Any) -> None:
 
 def recency(setting: str) -> contextlib.AbstractContextManager[Any]:
     """LRU recency tracking switched off (``"off"``) or as shipped (any other setting) for this process."""
-    from s3cache.store import ArrayStore
+    from s3cache.store.recency import RecencyLog
 
     if setting == "off":
-        return mock.patch.object(ArrayStore, RECENCY_HOOK, _no_touch)
+        return mock.patch.object(RecencyLog, RECENCY_HOOK, _no_touch)
     return contextlib.nullcontext()
 
 

@@ -5,7 +5,7 @@ Run from the repository root, in the project's virtual environment (``pip instal
     python benchmarks/scale.py --out scale
 
 Part 1 fills array stores of 1k, 10k and 100k small images (``--image-size``, default 8x8) directly through
-``ArrayStore.put``, ``codec.encode_array`` and ``Loader.cache_key`` (no S3), then reads ``--reads`` of
+``ArrayStore.put``, ``codec.encode_array`` and ``keys.cache_key`` (no S3), then reads ``--reads`` of
 them in random batches through ``S3ImageDataset`` offline, alternating LRU recency tracking on and off,
 and reports microseconds per image. Part 2 puts ``--listing-keys`` empty objects on a local S3 endpoint
 (``s3cache.testing.locals3.LocalS3``) and times the live listing through it against loading the stored listing.
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from harness import BENCH_ENV, RECENCY_SETTINGS, describe_machine, machine, recency, stamp_recency
 
-from s3cache.source import S3Object
+from s3cache.items import Item
 from s3cache.testing.locals3 import LocalS3
 
 HERE = Path(__file__).resolve().parent
@@ -58,47 +58,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def object_for(number: int) -> S3Object:
+def object_for(number: int) -> Item:
     """The ``number``-th synthetic object: ten class folders, a unique key and ETag."""
-    return S3Object(BUCKET, f"{PREFIX}c{number % CLASSES}/{number:07d}.jpg", f"{number:032x}", 1)
+    return Item(BUCKET, f"{PREFIX}c{number % CLASSES}/{number:07d}.jpg", f"{number:032x}", 1)
 
 
 # -- part 1: warm reads -----------------------------------------------------------------------------------
 
 
-def fill_store(directory: Path, spec: Any, count: int) -> tuple[list[S3Object], float]:
+def fill_store(directory: Path, spec: Any, count: int) -> tuple[list[Item], float]:
     """Put ``count`` random arrays in a new store, keyed as the loader keys them; return objects and seconds."""
     from s3cache import codec
-    from s3cache.loader import Loader
-    from s3cache.store import ArrayStore
+    from s3cache.keys import cache_key
+    from s3cache.store.directory import CacheDirectory
 
     objects = [object_for(number) for number in range(count)]
     pixels = np.random.default_rng(0).integers(0, 256, (count, *spec.shape), dtype=np.uint8)
-    store = ArrayStore(directory)
-    loader = Loader(spec, store, None, decode_workers=1)
-    started = time.perf_counter()
-    for obj, array in zip(objects, pixels, strict=True):
-        store.put(loader.cache_key(obj), codec.encode_array(array), tag=spec.fingerprint)
-    seconds = time.perf_counter() - started
-    loader.close()
-    store.close()
+    with CacheDirectory(directory) as cache:
+        cache.meta.put_spec(spec.fingerprint, spec.to_dict())
+        started = time.perf_counter()
+        for obj, array in zip(objects, pixels, strict=True):
+            cache.arrays.put(cache_key(spec.fingerprint, obj), codec.encode_array(array), tag=spec.fingerprint)
+        seconds = time.perf_counter() - started
     return objects, seconds
 
 
-def read_cost(directory: Path, spec: Any, objects: list[S3Object], reads: int, rounds: int) -> dict[str, Any]:
+def read_cost(directory: Path, spec: Any, objects: list[Item], reads: int, rounds: int) -> dict[str, Any]:
     """Microseconds per image reading ``reads`` random entries in batches, per recency setting (medians)."""
+    from s3cache.config import CacheConfig
     from s3cache.dataset import S3ImageDataset
-    from s3cache.loader import CacheConfig
-    from s3cache.store import parse_size
 
-    config = CacheConfig(str(directory), parse_size("10GB"), offline=True)
+    config = CacheConfig.create(directory, "10GB", offline=True)
     dataset = S3ImageDataset(objects, None, None, spec, config, label_mode=None, batch_size=BATCH_SIZE, seed=0)
     wanted = range(min(len(dataset), max(1, reads // BATCH_SIZE)))
 
     def one_pass() -> tuple[int, float]:
         started = time.perf_counter()
         images = sum(len(dataset[index]) for index in wanted)
-        dataset.loader.store.flush_touches()  # recency written back is part of the cost
+        dataset.loader.store.recency.flush()  # recency written back is part of the cost
         return images, (time.perf_counter() - started) / images * 1e6
 
     samples: dict[str, list[float]] = {setting: [] for setting in RECENCY_SETTINGS}
@@ -172,9 +169,9 @@ def _timed(action: Callable[[], Any]) -> tuple[Any, float]:
 def measure_listing(count: int, latency_ms: float, tmp: Path) -> dict[str, Any]:
     """Part 2: live listing through the endpoint vs the stored listing, for ``count`` keys."""
     from s3cache import image_dataset_from_s3
-    from s3cache.loader import resolve_objects
-    from s3cache.source import S3Source
-    from s3cache.store import ArrayStore
+    from s3cache.listing import resolve_items
+    from s3cache.source.s3 import S3Source
+    from s3cache.store.directory import CacheDirectory
 
     url = f"s3://{BUCKET}/{PREFIX}"
     with LocalS3(latency_ms=latency_ms) as s3:
@@ -182,16 +179,16 @@ def measure_listing(count: int, latency_ms: float, tmp: Path) -> dict[str, Any]:
         _, upload_seconds = _timed(lambda: put_empty_objects(s3, count))
         s3.configure(latency_ms=latency_ms)
         s3.reset_stats()
-        store = ArrayStore(tmp / "listing-cache")
-        listed, live_seconds = _timed(lambda: resolve_objects(url, store, S3Source(s3.storage_options)))
+        cache = CacheDirectory(tmp / "listing-cache")
+        listed, live_seconds = _timed(lambda: resolve_items(url, cache.meta, S3Source(s3.storage_options)))
         requests = s3.requests()
-        stored, stored_seconds = _timed(lambda: resolve_objects(url, store, None))
-        store.close()
+        stored, stored_seconds = _timed(lambda: resolve_items(url, cache.meta, None))
+        cache.close()
         dataset, dataset_seconds = _timed(lambda: image_dataset_from_s3(
             url, offline=True, cache_dir=tmp / "listing-cache", image_size=(8, 8), seed=0, verbose=False))
         offline_requests = s3.requests() - requests
-    if not len(listed) == len(stored) == len(dataset.objects) == count:
-        raise RuntimeError(f"listed {len(listed)}, stored {len(stored)}, dataset {len(dataset.objects)} of {count}")
+    if not len(listed) == len(stored) == len(dataset.items) == count:
+        raise RuntimeError(f"listed {len(listed)}, stored {len(stored)}, dataset {len(dataset.items)} of {count}")
     return {"keys": count, "latency_ms": latency_ms, "upload_seconds": upload_seconds,
             "live_listing_seconds": live_seconds, "live_listing_requests": requests,
             "stored_listing_seconds": stored_seconds, "offline_dataset_seconds": dataset_seconds,
@@ -220,9 +217,9 @@ def markdown(reads: list[dict[str, Any]], listing: dict[str, Any], settings: dic
               f"{growth['stale']:.2f}x over stale ones.", "",
               f"### Listing {listing['keys']:,} keys ({listing['latency_ms']:g} ms per S3 request)", "",
               "| step | seconds | S3 requests |", "|---|--:|--:|",
-              f"| live listing through the endpoint, then stored (`resolve_objects`) | "
+              f"| live listing through the endpoint, then stored (`resolve_items`) | "
               f"{listing['live_listing_seconds']:.2f} | {listing['live_listing_requests']} |",
-              f"| stored listing loaded (`resolve_objects` offline) | {listing['stored_listing_seconds']:.2f} | 0 |",
+              f"| stored listing loaded (`resolve_items` offline) | {listing['stored_listing_seconds']:.2f} | 0 |",
               f"| `image_dataset_from_s3(offline=True)`: listing, labels, shuffle | "
               f"{listing['offline_dataset_seconds']:.2f} | {listing['offline_requests']} |"]
     return "\n".join(lines) + "\n"

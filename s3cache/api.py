@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
 from s3cache.dataset import S3ImageDataset
-from s3cache.loader import CacheConfig, resolve_objects
-from s3cache.source import DEFAULT_CONCURRENCY, S3Object, S3Source, split_url
+from s3cache.labels import labels_for
+from s3cache.listing import resolve_items
+from s3cache.sharding import resolve_shard, shard_slice
 from s3cache.spec import ImageSpec
-from s3cache.store import ArrayStore, default_cache_dir, parse_size
 
 LABEL_MODES = ("int", "categorical", "binary", None)
 SUBSETS = ("training", "validation", "both")
@@ -38,7 +37,7 @@ def image_dataset_from_s3(
     pad_to_aspect_ratio: bool = False,
     dtype: str = "float32",
     cache_dir: str | os.PathLike[str] | None = None,
-    cache_size_limit: int | str = "10GB",
+    cache_size_limit: int | str | None = "10GB",
     offline: bool = False,
     on_error: str = "raise",
     storage_options: dict[str, Any] | None = None,
@@ -98,34 +97,30 @@ def image_dataset_from_s3(
     """
     _check_arguments(labels, label_mode, subset, validation_split, shuffle, seed)
     spec = ImageSpec(image_size, color_mode, interpolation, crop_to_aspect_ratio, pad_to_aspect_ratio)
-    config = CacheConfig(str(Path(cache_dir or default_cache_dir()).expanduser()), parse_size(cache_size_limit),
-                         dict(storage_options or {}), offline, on_error, concurrency)
-    store = ArrayStore(config.cache_dir, config.size_limit)
-    try:
-        objects = resolve_objects(directory, store, None if offline else S3Source(config.storage_options))
-    finally:
-        store.close()
-    label_array, names = _labels_for(objects, directory, labels, class_names)
-    if labels == "inferred":
+    config = CacheConfig.create(cache_dir, cache_size_limit, storage_options, offline=offline, on_error=on_error,
+                                concurrency=concurrency)
+    shard_index, shard_count = resolve_shard(shard)
+    with config.open_cache() as cache:
+        items = resolve_items(directory, cache.meta, config.open_source())
+    label_array, names = labels_for(items, directory, labels, class_names)
+    if isinstance(labels, str):  # inferred: items outside every class folder are left out, as in Keras
         keep = label_array >= 0
-        objects, label_array = [o for o, k in zip(objects, keep, strict=True) if k], label_array[keep]
+        items, label_array = [item for item, k in zip(items, keep, strict=True) if k], label_array[keep]
     if label_mode == "binary" and len(names) != 2:
         raise ValueError(f'label_mode="binary" needs exactly 2 classes, found {len(names)}: {names}')
     if verbose:
-        print(f"Found {len(objects)} files" + (f" belonging to {len(names)} classes." if labels else "."))
+        print(f"Found {len(items)} files" + (f" belonging to {len(names)} classes." if labels is not None else "."))
     if shuffle and validation_split:
         # Shuffle before splitting, as Keras does; the seed makes every subset (and shard) agree.
-        order = np.random.default_rng(seed).permutation(len(objects))
-        objects, label_array = [objects[i] for i in order], label_array[order]
-
-    shard_index, shard_count = resolve_shard(shard)
+        order = np.random.default_rng(seed).permutation(len(items))
+        items, label_array = [items[i] for i in order], label_array[order]
 
     def build(part: slice) -> S3ImageDataset:
-        part_objects, part_labels = objects[part], label_array[part]
-        mine = slice(shard_index, None, shard_count)
-        largest_shard = math.ceil(len(part_objects) / shard_count)
+        part_items, part_labels = items[part], label_array[part]
+        mine = shard_slice(shard_index, shard_count)
+        largest_shard = math.ceil(len(part_items) / shard_count)
         return S3ImageDataset(
-            part_objects[mine], part_labels[mine] if labels is not None else None, names if labels else None,
+            part_items[mine], part_labels[mine] if labels is not None else None, names if labels is not None else None,
             spec, config, label_mode=label_mode if labels is not None else None, batch_size=batch_size,
             shuffle=shuffle, seed=seed, dtype=dtype, steps_per_epoch=math.ceil(largest_shard / batch_size),
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
@@ -133,55 +128,21 @@ def image_dataset_from_s3(
 
     if not validation_split:
         return build(slice(None))
-    num_val = int(validation_split * len(objects))
-    train, val = slice(0, len(objects) - num_val), slice(len(objects) - num_val, None)
+    num_val = int(validation_split * len(items))
+    train, val = slice(0, len(items) - num_val), slice(len(items) - num_val, None)
     if verbose:
         for name, part in (("training", train), ("validation", val)):
             if subset in (name, "both"):
-                print(f"Using {len(objects[part])} files for {name}.")
+                print(f"Using {len(items[part])} files for {name}.")
     if subset == "both":
         return build(train), build(val)
     return build(train if subset == "training" else val)
 
 
-def resolve_shard(shard: tuple[int, int] | str | None) -> tuple[int, int]:
-    """``(index, count)`` of this worker's shard: as given, from ``TF_CONFIG`` for ``"auto"``, else ``(0, 1)``.
-
-    Raises:
-        ValueError: An index outside ``0..count-1``, or an unknown value.
-    """
-    if shard is None:
-        return 0, 1
-    if shard == "auto":
-        return shard_from_tf_config(os.environ.get("TF_CONFIG", ""))
-    if isinstance(shard, str) or len(shard) != 2:
-        raise ValueError(f'shard must be (index, count), "auto" or None, got {shard!r}')
-    index, count = (int(v) for v in shard)
-    if not 0 <= index < count:
-        raise ValueError(f"shard index must be in 0..{count - 1}, got {index} (of {count})")
-    return index, count
-
-
-def shard_from_tf_config(tf_config: str) -> tuple[int, int]:
-    """This task's ``(index, count)`` among the chief and workers of a ``TF_CONFIG`` cluster.
-
-    The chief (if any) comes first, then the workers in order, as in TensorFlow's own numbering
-    of ``MultiWorkerMirroredStrategy`` tasks. Without a cluster, there is one shard.
-    """
-    config = json.loads(tf_config) if tf_config.strip() else {}
-    cluster, task = config.get("cluster", {}), config.get("task", {})
-    chiefs, workers = list(cluster.get("chief", [])), list(cluster.get("worker", []))
-    if not chiefs + workers:
-        return 0, 1
-    if task.get("type") not in ("chief", "worker"):
-        raise ValueError(f"TF_CONFIG task type {task.get('type')!r} does not train; give shard=(index, count)")
-    index = int(task.get("index", 0)) + (len(chiefs) if task["type"] == "worker" else 0)
-    return index, len(chiefs) + len(workers)
-
-
 def _check_arguments(labels: Any, label_mode: str | None, subset: str | None, validation_split: float | None,
                      shuffle: bool, seed: int | None) -> None:
-    if not (labels in ("inferred", None) or isinstance(labels, list | tuple | np.ndarray)):
+    if not (labels is None or (isinstance(labels, str) and labels == "inferred")
+            or isinstance(labels, list | tuple | np.ndarray)):
         raise ValueError(f'labels must be "inferred", None or a list of integers, got {labels!r}')
     if label_mode not in LABEL_MODES:
         raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
@@ -193,34 +154,3 @@ def _check_arguments(labels: Any, label_mode: str | None, subset: str | None, va
         raise ValueError("validation_split and subset must be given together")
     if validation_split and shuffle and seed is None:
         raise ValueError("a validation split with shuffling needs a seed, so both subsets agree on the split")
-
-
-def _labels_for(
-    objects: Sequence[S3Object], directory: str | Sequence[str], labels: Any, class_names: Sequence[str] | None
-) -> tuple[np.ndarray, list[str]]:
-    """Integer labels per object (``-1`` for objects outside any class folder) and the class names."""
-    if labels is None:
-        return np.zeros(len(objects), dtype="int64"), []
-    if labels != "inferred":
-        given = np.asarray(labels, dtype="int64")
-        if len(given) != len(objects):
-            raise ValueError(f"labels has {len(given)} entries but {len(objects)} image objects were found")
-        names = list(class_names) if class_names else [str(i) for i in range(int(given.max()) + 1)]
-        return given, names
-    folders = [_class_folder(obj, directory) for obj in objects]
-    found = sorted({f for f in folders if f})
-    if class_names is not None and set(class_names) != set(found):
-        raise ValueError(f"class_names {list(class_names)} do not match the class folders found: {found}")
-    names = list(class_names) if class_names is not None else found
-    index = {name: i for i, name in enumerate(names)}
-    return np.array([index.get(f, -1) if f else -1 for f in folders], dtype="int64"), names
-
-
-def _class_folder(obj: S3Object, directory: str | Sequence[str]) -> str | None:
-    """The class folder of an object: first path part under the prefix, or a listed URL's parent folder."""
-    if isinstance(directory, str):
-        relative = obj.key[len(split_url(directory)[1]):]
-        folder, sep, _ = relative.lstrip("/").partition("/")
-    else:
-        folder, sep = obj.key.rpartition("/")[0].rpartition("/")[2], "/" if "/" in obj.key else ""
-    return folder if sep and folder else None

@@ -9,12 +9,11 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from s3cache.config import CacheConfig
 from s3cache.errors import S3CacheError
 from s3cache.spec import COLOR_MODES, INTERPOLATIONS
-from s3cache.store import default_cache_dir
 
 if TYPE_CHECKING:
     from s3cache.loader import FillProgress
@@ -147,10 +146,10 @@ def _ls(args: argparse.Namespace) -> int:
 
     rows = list_objects(args.url, image_size=args.image_size, **_spec_kwargs(args), cache_dir=args.cache_dir,
                         storage_options=_storage_options(args), offline=args.offline)
-    for obj, cached in rows:
-        print(f"{'cached' if cached else '-':7} {_size(obj.size):>9}  {obj.url}")
+    for item, cached in rows:
+        print(f"{'cached' if cached else '-':7} {_size(item.size):>9}  {item.url}")
     cached_count = sum(cached for _, cached in rows)
-    total_bytes = sum(obj.size for obj, _ in rows)
+    total_bytes = sum(item.size for item, _ in rows)
     print(f"{len(rows)} objects ({_size(total_bytes)}): {cached_count} cached, {len(rows) - cached_count} not cached")
     return 0
 
@@ -176,7 +175,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _clear(args: argparse.Namespace) -> int:
     from s3cache.ops import clear_cache
 
-    directory = Path(args.cache_dir or default_cache_dir()).expanduser()
+    directory = CacheConfig.create(args.cache_dir).cache_dir
     what = (f"spec {args.spec}" if args.spec else f"listing {args.url} and its arrays" if args.url
             else "every cached array, listing and spec")
     if not args.yes and not _confirm(f"remove {what} from {directory}?"):
@@ -214,7 +213,7 @@ class _WarmProgress:
         if event.hit:
             self.hits += 1
         else:
-            self.bytes += event.obj.size
+            self.bytes += event.item.size
             self.failed += event.failed
             self.stored += not event.failed
         if self._bar is not None:

@@ -10,8 +10,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from s3cache.loader import CacheConfig, Loader
-from s3cache.source import S3Object
+from s3cache.config import CacheConfig
+from s3cache.items import Item
+from s3cache.loader import Loader
 from s3cache.spec import ImageSpec
 
 DTYPES = ("float32", "uint8")
@@ -24,8 +25,8 @@ class S3ImageDataset(keras.utils.PyDataset):
     included) opens its own store and S3 client on first use, since neither survives a fork.
 
     Args:
-        objects: The objects to serve, in their canonical (unshuffled) order.
-        labels: One label per object (class indices), or ``None``.
+        items: The items to serve, in their canonical (unshuffled) order.
+        labels: One label per item (class indices), or ``None``.
         class_names: Names of the classes, indexed by label.
         spec: How images are decoded and resized.
         config: Where the cache is and how to reach S3.
@@ -43,7 +44,7 @@ class S3ImageDataset(keras.utils.PyDataset):
 
     def __init__(
         self,
-        objects: Sequence[S3Object],
+        items: Sequence[Item],
         labels: np.ndarray | None,
         class_names: Sequence[str] | None,
         spec: ImageSpec,
@@ -63,7 +64,7 @@ class S3ImageDataset(keras.utils.PyDataset):
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self.objects = list(objects)
+        self.items = list(items)
         self.labels = labels
         self.class_names = list(class_names) if class_names is not None else None
         self.spec = spec
@@ -86,14 +87,14 @@ class S3ImageDataset(keras.utils.PyDataset):
     # -- keras.utils.PyDataset --------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return math.ceil(len(self.objects) / self.batch_size)
+        return math.ceil(len(self.items) / self.batch_size)
 
     def __getitem__(self, index: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range for {len(self)} batches")
         loader = self.loader
-        arrays = loader.load(self._batch_objects(index))
-        loader.prefetch(self._readahead_objects(index))
+        arrays = loader.load(self._batch_items(index))
+        loader.prefetch(self._readahead_items(index))
         kept = [i for i, array in enumerate(arrays) if array is not None]
         images = np.empty((len(kept), *self.spec.shape), dtype=self.dtype)
         for slot, i in enumerate(kept):
@@ -110,14 +111,14 @@ class S3ImageDataset(keras.utils.PyDataset):
         self._last_index = None
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.drop_prefetched()
-            self._loader.store.flush_touches_soon()
+            self._loader.store.recency.flush_soon()
 
     # -- public extras ----------------------------------------------------------------------------
 
     @property
     def file_paths(self) -> list[str]:
-        """The objects' ``s3://`` URLs in the order of the first epoch."""
-        return [self.objects[i].url for i in self._epoch_order(0)]
+        """The items' URLs (``s3://bucket/key`` or ``s3://bucket/shard.tar#member``), first-epoch order."""
+        return [self.items[i].url for i in self._epoch_order(0)]
 
     @property
     def num_classes(self) -> int:
@@ -184,11 +185,11 @@ class S3ImageDataset(keras.utils.PyDataset):
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(len(self.objects))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.objects))
+            return np.arange(len(self.items))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
 
-    def _readahead_objects(self, index: int) -> list[S3Object]:
-        """The objects to read ahead after serving ``index``.
+    def _readahead_items(self, index: int) -> list[Item]:
+        """The items to read ahead after serving ``index``.
 
         After a jump that is the whole window; in sequential order only the batch entering it,
         since the previous calls asked for the others.
@@ -196,12 +197,12 @@ class S3ImageDataset(keras.utils.PyDataset):
         sequential = self._last_index is not None and index == self._last_index + 1
         first = index + self.readahead if sequential else index + 1
         self._last_index = index
-        return [obj for ahead in range(first, min(index + 1 + self.readahead, len(self)))
-                for obj in self._batch_objects(ahead)]
+        return [item for ahead in range(first, min(index + 1 + self.readahead, len(self)))
+                for item in self._batch_items(ahead)]
 
-    def _batch_objects(self, index: int) -> list[S3Object]:
+    def _batch_items(self, index: int) -> list[Item]:
         positions = self._order[index * self.batch_size: (index + 1) * self.batch_size]
-        return [self.objects[i] for i in positions]
+        return [self.items[i] for i in positions]
 
     def _encode_labels(self, labels: np.ndarray) -> np.ndarray:
         if self.label_mode == "int":

@@ -134,7 +134,7 @@ def run_demo(
         stack.callback(train.close)
         if not train.num_classes:
             raise ValueError(f"{url} has no class folders to learn (expected <prefix>/<class>/<image>)")
-        out(f"training on {len(train.objects)} images in {train.num_classes} classes from {url}, cache in {cache_dir}")
+        out(f"training on {len(train.items)} images in {train.num_classes} classes from {url}, cache in {cache_dir}")
         keras.utils.set_random_seed(0)
         model = _build_model(keras, train.spec.shape, train.num_classes)
         reports = _train(keras, model, train, server, epochs, out)
@@ -200,7 +200,7 @@ class _Meter:
     def lap(self, name: str, logs: dict[str, Any]) -> EpochReport:
         seconds = time.perf_counter() - self.start
         stats = self.ds.stats
-        report = EpochReport(name, seconds, len(self.ds.objects), stats["hits"] - self.stats["hits"],
+        report = EpochReport(name, seconds, len(self.ds.items), stats["hits"] - self.stats["hits"],
                              stats["s3_requests"] - self.stats["s3_requests"],
                              None if self.server is None else self.server.requests(),
                              float(logs["loss"]), float(logs["accuracy"]))

@@ -9,17 +9,19 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from s3cache.errors import CacheError, NotCachedError
-from s3cache.loader import FillProgress, Loader, resolve_objects
-from s3cache.source import DEFAULT_CONCURRENCY, S3Object, S3Source
+from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
+from s3cache.errors import NotCachedError
+from s3cache.items import Item
+from s3cache.keys import cache_key, fingerprint_of
+from s3cache.listing import list_online, listing_name, resolve_items, stored_items
+from s3cache.loader import FillProgress, Loader
 from s3cache.spec import ImageSpec
-from s3cache.store import ArrayStore, Problem, default_cache_dir, parse_size
+from s3cache.store import MetaStore, Problem
+from s3cache.store.directory import CacheDirectory
 
 __all__ = ["Problem", "WarmReport", "cache_info", "clear_cache", "list_objects", "verify_cache", "warm"]
 
@@ -93,7 +95,7 @@ def warm(
         ValueError: Inconsistent arguments.
     """
     spec = ImageSpec(tuple(image_size), color_mode, interpolation, crop_to_aspect_ratio, pad_to_aspect_ratio)
-    limit = None if cache_size_limit is None else parse_size(cache_size_limit)
+    config = CacheConfig.create(cache_dir, cache_size_limit, storage_options, concurrency=concurrency)
     counts: Counter[str] = Counter()
 
     def count(event: FillProgress) -> None:
@@ -103,18 +105,20 @@ def warm(
             progress(event)
 
     started = time.perf_counter()
-    source = S3Source(storage_options, concurrency=concurrency)
-    with _store(cache_dir, limit, must_exist=False) as store:
-        objects = resolve_objects(url, store, source)
+    source = config.open_source()
+    assert source is not None  # the config is online
+    with config.open_cache() as cache:
+        items = resolve_items(url, cache.meta, source)
         if on_listed:
-            on_listed(len(objects))
-        loader = Loader(spec, store, source)
+            on_listed(len(items))
+        cache.meta.put_spec(spec.fingerprint, spec.to_dict())
+        loader = Loader(spec, cache.arrays, source)
         try:
-            loader.fill(objects, count)
+            loader.fill(items, count)
         finally:
             loader.close()
-    return WarmReport(url, str(store.directory), spec.fingerprint, len(objects), counts["hits"], counts["fetched"],
-                      counts["failed"], source.bytes_received, time.perf_counter() - started)
+    return WarmReport(url, str(config.cache_dir), spec.fingerprint, len(items), counts["hits"], counts["fetched"],
+                      counts["failed"], source.counters.bytes_received, time.perf_counter() - started)
 
 
 def cache_info(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -130,18 +134,19 @@ def cache_info(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any
     Raises:
         CacheError: There is no cache in the directory.
     """
-    with _store(cache_dir) as store:
-        keys = set(store.keys())
-        per_spec = Counter(key.partition("/")[0] for key in keys)
+    with _open_existing(cache_dir) as cache:
+        keys = set(cache.arrays.keys())
+        per_spec = Counter(fingerprint_of(key) for key in keys)
         specs = {fingerprint: {"description": description, "entries": per_spec.get(fingerprint, 0)}
-                 for fingerprint, description in sorted(store.specs().items())}
-        with _loaders(store) as loaders:
-            listings = [row for url in store.listing_urls() for row in _listing_rows(store, url, loaders, keys)]
+                 for fingerprint, description in sorted(cache.meta.specs().items())}
+        fingerprints = _current_fingerprints(cache.meta)
+        listings = [row for name in cache.meta.listing_names()
+                    for row in _listing_rows(cache.meta, name, fingerprints, keys)]
         return {
-            "directory": str(store.directory),
+            "directory": str(cache.path),
             "entries": len(keys),
-            "size_bytes": store.volume(),
-            "size_limit_bytes": store.size_limit,
+            "size_bytes": cache.arrays.volume(),
+            "size_limit_bytes": cache.arrays.size_limit,
             "specs": specs,
             "listings": listings,
         }
@@ -158,10 +163,11 @@ def list_objects(
     cache_dir: str | os.PathLike[str] | None = None,
     storage_options: dict[str, Any] | None = None,
     offline: bool = False,
-) -> list[tuple[S3Object, bool]]:
+) -> list[tuple[Item, bool]]:
     """List a prefix and tell, per object, whether its array is cached under the given spec.
 
-    Online, the fresh listing is also stored (as a dataset build would); offline, the stored one is used.
+    Nothing is written: online, the prefix is listed afresh (and a missing cache means nothing is
+    cached); offline, the stored listing is used.
 
     Returns:
         ``(object, cached)`` pairs in key order.
@@ -172,15 +178,17 @@ def list_objects(
         ValueError: Inconsistent arguments.
     """
     spec = ImageSpec(tuple(image_size), color_mode, interpolation, crop_to_aspect_ratio, pad_to_aspect_ratio)
-    with _store(cache_dir, must_exist=offline) as store:
-        objects = resolve_objects(url, store, None if offline else S3Source(storage_options))
-        loader = Loader(spec, store, None)
-        try:
-            keys = [loader.cache_key(obj) for obj in objects]
-            cached = store.existing(keys)
-            return [(obj, key in cached) for obj, key in zip(objects, keys, strict=True)]
-        finally:
-            loader.close()
+    config = CacheConfig.create(cache_dir, storage_options=storage_options, offline=offline)
+    if offline:
+        with _open_existing(cache_dir) as cache:
+            return _marked(stored_items(cache.meta, listing_name(url)), spec, cache)
+    source = config.open_source()
+    assert source is not None  # the config is online
+    items = list_online(url, source)
+    if not (config.cache_dir / "arrays").is_dir():
+        return [(item, False) for item in items]
+    with config.open_cache(must_exist=True) as cache:
+        return _marked(items, spec, cache)
 
 
 def verify_cache(cache_dir: str | os.PathLike[str] | None = None, fix: bool = False) -> list[Problem]:
@@ -196,8 +204,8 @@ def verify_cache(cache_dir: str | os.PathLike[str] | None = None, fix: bool = Fa
     Raises:
         CacheError: There is no cache in the directory.
     """
-    with _store(cache_dir) as store:
-        return store.verify(fix=fix)
+    with _open_existing(cache_dir) as cache:
+        return cache.arrays.verify(fix=fix)
 
 
 def clear_cache(
@@ -221,86 +229,72 @@ def clear_cache(
     """
     if spec is not None and url is not None:
         raise ValueError("give a spec or a url to clear, not both")
-    with _store(cache_dir) as store:
+    with _open_existing(cache_dir) as cache:
         if spec is not None:
-            return _clear_spec(store, spec)
+            return _clear_spec(cache, spec)
         if url is not None:
-            return _clear_listing(store, url)
-        removed = store.clear()
-        for name in store.listing_urls():
-            store.delete_listing(name)
-        for fingerprint in store.specs():
-            store.delete_spec(fingerprint)
+            return _clear_listing(cache, url)
+        removed = cache.arrays.clear()
+        for name in cache.meta.listing_names():
+            cache.meta.delete_listing(name)
+        for fingerprint in cache.meta.specs():
+            cache.meta.delete_spec(fingerprint)
         return removed
 
 
 # -- internals --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _store(
-    cache_dir: str | os.PathLike[str] | None, size_limit: int | None = None, *, must_exist: bool = True
-) -> Iterator[ArrayStore]:
-    """Open (and always close) the store; inspecting commands refuse to create a cache."""
-    directory = Path(cache_dir or default_cache_dir()).expanduser()
-    if must_exist and not (directory / "arrays").is_dir():
-        raise CacheError(f"no s3cache cache in {directory} (nothing cached yet; run `s3cache warm` first)")
-    store = ArrayStore(directory, size_limit)
-    try:
-        yield store
-    finally:
-        store.close()
+def _open_existing(cache_dir: str | os.PathLike[str] | None) -> CacheDirectory:
+    """Open a cache that must already exist: inspecting commands never create one."""
+    return CacheConfig.create(cache_dir).open_cache(must_exist=True)
 
 
-@contextmanager
-def _loaders(store: ArrayStore) -> Iterator[dict[str, Loader]]:
-    """Offline loaders of the recorded specs, by fingerprint, to compute cache keys with.
+def _marked(items: Sequence[Item], spec: ImageSpec, cache: CacheDirectory) -> list[tuple[Item, bool]]:
+    """Each item with whether its array is cached under the spec."""
+    keys = [cache_key(spec.fingerprint, item) for item in items]
+    cached = cache.arrays.existing(keys)
+    return [(item, key in cached) for item, key in zip(items, keys, strict=True)]
 
-    Specs recorded by another decoder version no longer reproduce their fingerprint; their
-    entries are never served, so they are left out.
+
+def _current_fingerprints(meta: MetaStore) -> list[str]:
+    """The recorded specs whose fingerprint this decoder version still produces.
+
+    Entries of specs recorded by another decoder version are never served, so they are left out.
     """
-    loaders: dict[str, Loader] = {}
-    try:
-        for fingerprint, description in store.specs().items():
-            spec = ImageSpec.from_dict(description)
-            if spec.fingerprint == fingerprint:
-                loaders[fingerprint] = Loader(spec, store, None)
-        yield loaders
-    finally:
-        for loader in loaders.values():
-            loader.close()
+    return [fingerprint for fingerprint, description in meta.specs().items()
+            if ImageSpec.from_dict(description).fingerprint == fingerprint]
 
 
-def _listing_rows(store: ArrayStore, url: str, loaders: dict[str, Loader], keys: set[str]) -> list[dict[str, Any]]:
-    objects = _stored_objects(store, url)
+def _listing_rows(meta: MetaStore, name: str, fingerprints: list[str], keys: set[str]) -> list[dict[str, Any]]:
+    items = _stored(meta, name)
     rows = []
-    for fingerprint, loader in loaders.items():
-        cached = sum(loader.cache_key(obj) in keys for obj in objects)
+    for fingerprint in fingerprints:
+        cached = sum(cache_key(fingerprint, item) in keys for item in items)
         if cached:
-            rows.append({"url": url, "spec": fingerprint, "objects": len(objects), "cached": cached,
-                         "fraction": cached / len(objects)})
-    return rows or [{"url": url, "spec": None, "objects": len(objects), "cached": 0, "fraction": 0.0}]
+            rows.append({"url": name, "spec": fingerprint, "objects": len(items), "cached": cached,
+                         "fraction": cached / len(items)})
+    return rows or [{"url": name, "spec": None, "objects": len(items), "cached": 0, "fraction": 0.0}]
 
 
-def _stored_objects(store: ArrayStore, url: str) -> list[S3Object]:
-    listing = store.get_listing(url)
-    if listing is None:
-        raise NotCachedError(f"no stored listing for {url}; stored listings: {store.listing_urls() or 'none'}")
-    return [S3Object.from_json(row) for row in listing["objects"]]
+def _stored(meta: MetaStore, name: str) -> list[Item]:
+    if meta.get_listing(name) is None:
+        raise NotCachedError(f"no stored listing for {name}; stored listings: {meta.listing_names() or 'none'}")
+    return stored_items(meta, name)
 
 
-def _clear_spec(store: ArrayStore, fingerprint: str) -> int:
-    known = store.specs()
+def _clear_spec(cache: CacheDirectory, fingerprint: str) -> int:
+    known = cache.meta.specs()
     if fingerprint not in known:
         raise NotCachedError(f"no spec {fingerprint} in the cache; recorded specs: {sorted(known) or 'none'}")
-    removed = store.evict_tag(fingerprint)
-    store.delete_spec(fingerprint)
+    removed = cache.arrays.evict_tag(fingerprint)
+    cache.meta.delete_spec(fingerprint)
     return removed
 
 
-def _clear_listing(store: ArrayStore, url: str) -> int:
-    objects = _stored_objects(store, url)
-    with _loaders(store) as loaders:
-        removed = sum(store.delete(loader.cache_key(obj)) for loader in loaders.values() for obj in objects)
-    store.delete_listing(url)
+def _clear_listing(cache: CacheDirectory, name: str) -> int:
+    items = _stored(cache.meta, name)
+    removed = sum(cache.arrays.delete(cache_key(fingerprint, item))
+                  for fingerprint in _current_fingerprints(cache.meta) for item in items)
+    cache.meta.delete_listing(name)
     return removed

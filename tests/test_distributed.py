@@ -14,7 +14,7 @@ import pytest
 from helpers import dataset_options, object_gets
 
 import s3cache
-from s3cache.api import shard_from_tf_config
+from s3cache.sharding import shard_from_tf_config
 from s3cache.testing.locals3 import LocalS3
 
 URL = "s3://photos/train/"

@@ -42,8 +42,19 @@ def test_list_objects_marks_per_spec_and_works_offline(s3: LocalS3, bucket: str,
     assert not any(cached for _, cached in other) and object_gets(s3) == []
 
 
+def test_list_objects_writes_nothing(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
+    rows = ops.list_objects(URL, image_size=(32, 32), cache_dir=cache_dir, storage_options=s3.storage_options)
+    assert len(rows) == 24 and not any(cached for _, cached in rows)
+    assert not cache_dir.exists()
+    ops.warm(URL, (32, 32), cache_dir=cache_dir, storage_options=s3.storage_options)
+    before = ops.cache_info(cache_dir)
+    ops.list_objects(URL, image_size=(48, 48), cache_dir=cache_dir, storage_options=s3.storage_options)
+    assert ops.cache_info(cache_dir) == before  # no spec record, no listing for the new spec
+
+
 def test_cache_info_lists_a_listing_with_nothing_cached(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
-    ops.list_objects(URL, image_size=(32, 32), cache_dir=cache_dir, storage_options=s3.storage_options)
+    report = ops.warm(URL, (32, 32), cache_dir=cache_dir, storage_options=s3.storage_options)
+    ops.clear_cache(cache_dir, spec=report.fingerprint)
     info = ops.cache_info(cache_dir)
     assert info["entries"] == 0
     assert info["listings"] == [{"url": URL, "spec": None, "objects": 24, "cached": 0, "fraction": 0.0}]

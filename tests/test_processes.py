@@ -45,7 +45,7 @@ def test_fit_with_keras_workers(s3: LocalS3, bucket: str, cache_dir: Path, use_m
     assert len(history.history["loss"]) == 2
     assert sorted(object_gets(s3)) == sorted(set(object_gets(s3)))  # no object fetched twice
     assert len(object_gets(s3)) == 24
-    with ArrayStore(cache_dir) as store:
+    with ArrayStore(cache_dir / "arrays") as store:
         assert len(store) == 24
 
 
@@ -58,6 +58,6 @@ def test_two_processes_train_on_one_cache_at_once(s3: LocalS3, bucket: str, cach
         assert run.returncode == 0, err[-2000:]
         assert out.startswith("trained")
     assert 24 <= len(object_gets(s3)) <= 48
-    with ArrayStore(cache_dir) as store:
+    with ArrayStore(cache_dir / "arrays") as store:
         assert len(store) == 24
         assert store.verify() == []

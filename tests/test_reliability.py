@@ -36,7 +36,8 @@ from s3cache.errors import (
     S3CacheError,
     S3RequestError,
 )
-from s3cache.source import DEFAULT_ATTEMPTS
+from s3cache.keys import parse_key
+from s3cache.source.s3 import DEFAULT_ATTEMPTS
 from s3cache.spec import ImageSpec
 from s3cache.store import ArrayStore
 from s3cache.testing.locals3 import ACCESS_KEY, REGION, SECRET_KEY, LocalS3
@@ -58,11 +59,10 @@ def decoded(photos: list[tuple[str, bytes]], spec: ImageSpec) -> dict[str, np.nd
 
 def stored_arrays(cache_dir: Path, spec: ImageSpec) -> dict[str, Any]:
     """Every entry a store serves under one spec, by s3:// URL (a damaged entry reads as None)."""
-    store = ArrayStore(cache_dir)
+    store = ArrayStore(cache_dir / "arrays")
     try:
-        # Keys are "<fingerprint>/<etag>/<bucket>/<key>".
-        return {"s3://" + key.split("/", 2)[2]: store.get(key) for key in list(store.keys())
-                if key.startswith(f"{spec.fingerprint}/")}
+        return {parse_key(key).url: store.get(key) for key in list(store.keys())
+                if parse_key(key).fingerprint == spec.fingerprint}
     finally:
         store.close()
 
@@ -277,7 +277,7 @@ def test_verify_fix_removes_what_a_killed_writer_left(s3: LocalS3, bucket: str, 
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(bytes(1000))
     (cache_dir / "arrays" / "zy" / "zy").mkdir(parents=True)
-    store = ArrayStore(cache_dir)
+    store = ArrayStore(cache_dir / "arrays")
     try:
         assert {p.reason.split(":")[0] for p in store.verify(fix=True)} == {"unknown file", "empty directory"}
         assert store.verify() == [] and not (cache_dir / "arrays" / "zz").exists()
@@ -334,7 +334,7 @@ def test_concurrent_processes_share_one_cache(
         expected = [hashlib.sha256(reference[url].tobytes()).hexdigest() for url in served["paths"]]
         assert served["epochs"] == [expected, expected]
 
-    store = ArrayStore(cache_dir)
+    store = ArrayStore(cache_dir / "arrays")
     try:
         assert store.verify() == []  # no orphaned or missing value file, no damaged entry
         assert store.volume() <= limit
@@ -362,7 +362,7 @@ def test_damaged_value_files_are_detected_and_refetched_not_served(
     files[truncated].write_bytes(data[: len(data) // 2])
     files[deleted].unlink()
 
-    store = ArrayStore(cache_dir)
+    store = ArrayStore(cache_dir / "arrays")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # as under `python -W ignore`: verify must not depend on filters
         found = " ".join(f"{problem.key}: {problem.reason}" for problem in store.verify())
@@ -377,7 +377,7 @@ def test_damaged_value_files_are_detected_and_refetched_not_served(
     s3.reset_stats()
     np.testing.assert_array_equal(again[0], first)
     assert object_gets(s3) == []  # the refetched arrays were stored again
-    store = ArrayStore(cache_dir)
+    store = ArrayStore(cache_dir / "arrays")
     assert store.verify() == []
     store.close()
 

@@ -14,7 +14,9 @@ from helpers import all_batches, dataset_options
 
 import s3cache
 from s3cache import codec
-from s3cache.store import ArrayStore, parse_size
+from s3cache.config import parse_size
+from s3cache.store import ArrayStore
+from s3cache.store.directory import CacheDirectory
 from s3cache.testing.locals3 import LocalS3
 
 ENTRY = np.arange(128 * 128 * 3, dtype=np.uint32).astype(np.uint8).reshape(128, 128, 3)
@@ -45,7 +47,8 @@ def test_parse_size() -> None:
 
 
 def test_store_refuses_pickle_and_keeps_raw_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = ArrayStore(tmp_path, parse_size("1GB"))
+    cache = CacheDirectory(tmp_path / "cache", parse_size("1GB"))
+    store = cache.arrays
     store.put("small", codec.encode_array(ENTRY[:8, :8]), tag="t")
     store.put("large", codec.encode_array(ENTRY), tag="t")
     with pytest.raises(TypeError):
@@ -57,18 +60,18 @@ def test_store_refuses_pickle_and_keeps_raw_bytes(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(pickle, "loads", no_unpickling)
     monkeypatch.setattr(pickle, "load", no_unpickling)
     np.testing.assert_array_equal(store.get("large"), ENTRY)
-    store.close()
-    with sqlite3.connect(tmp_path / "arrays" / "cache.db") as con:
+    cache.close()
+    with sqlite3.connect(tmp_path / "cache" / "arrays" / "cache.db") as con:
         modes = {mode for (mode,) in con.execute("SELECT mode FROM Cache")}
     assert modes == {diskcache.core.MODE_RAW, diskcache.core.MODE_BINARY}
-    assert (tmp_path.stat().st_mode & 0o777) == 0o700
+    assert ((tmp_path / "cache").stat().st_mode & 0o777) == 0o700
 
 
 def test_reads_refresh_recency_in_batches_and_lru_evicts_least_recently_used(tmp_path: Path) -> None:
-    empty = ArrayStore(tmp_path, parse_size("1GB"))
+    empty = ArrayStore(tmp_path / "arrays", parse_size("1GB"))
     base = empty.volume()
     empty.close()
-    store = ArrayStore(tmp_path, base + int(10.5 * ENTRY_BYTES), recency_resolution=0)
+    store = ArrayStore(tmp_path / "arrays", base + int(10.5 * ENTRY_BYTES), recency_resolution=0)
     for i in range(10):
         store.put(f"k{i}", codec.encode_array(ENTRY), tag="t")
     stored = access_times(tmp_path)
@@ -105,13 +108,13 @@ def test_epochs_read_through_a_cache_smaller_than_the_dataset(s3: LocalS3, bucke
 
 
 def test_recency_is_refreshed_at_most_once_per_resolution(tmp_path: Path) -> None:
-    store = ArrayStore(tmp_path, parse_size("1GB"), recency_resolution=0.2)
+    store = ArrayStore(tmp_path / "arrays", parse_size("1GB"), recency_resolution=0.2)
     store.put("k", codec.encode_array(ENTRY), tag="t")
     stored = access_times(tmp_path)["k"]
     store.get("k")
-    store.flush_touches()
+    store.recency.flush()
     assert access_times(tmp_path)["k"] == stored  # stored moments ago: no write needed
     time.sleep(0.25)
     store.get("k")
-    store.flush_touches()
+    store.recency.flush()
     assert access_times(tmp_path)["k"] > stored + 0.2

@@ -1,0 +1,77 @@
+"""Listings: what a prefix or a list of URLs holds, resolved online and stored for offline runs.
+
+A listing is stored in the cache's metadata under its *name*: the prefix URL as given, or a
+digest of a URL list. Offline runs read it back: same items, same labels, same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+
+from s3cache.errors import EmptyListingError, NotCachedError
+from s3cache.items import Item
+from s3cache.source import Source
+from s3cache.store import MetaStore
+
+log = logging.getLogger(__name__)
+
+
+def listing_name(directory: str | Sequence[str]) -> str:
+    """The name a listing is stored under: the prefix URL, or a digest of a URL list."""
+    if isinstance(directory, str):
+        return directory
+    digest = hashlib.sha256("\n".join(directory).encode()).hexdigest()[:16]
+    return f"urls:{digest}"
+
+
+def resolve_items(directory: str | Sequence[str], meta: MetaStore, source: Source | None) -> list[Item]:
+    """List a prefix or URL list and store the listing; offline (no source), read the stored one.
+
+    Raises:
+        EmptyListingError: No image objects.
+        NotCachedError: Offline and no listing was stored for ``directory``.
+    """
+    if source is None:
+        return stored_items(meta, listing_name(directory))
+    items = list_online(directory, source)
+    store_listing(meta, directory, items)
+    return items
+
+
+def list_online(directory: str | Sequence[str], source: Source) -> list[Item]:
+    """List a prefix, or resolve a list of URLs, through the source.
+
+    Raises:
+        EmptyListingError: No image objects.
+    """
+    if isinstance(directory, str):
+        items = source.list_prefix(directory)
+        if not items:
+            raise EmptyListingError(f"no image objects (.jpg .jpeg .png .bmp .gif) under {directory}")
+        return items
+    if not directory:
+        raise EmptyListingError("the list of object URLs is empty")
+    return source.resolve_urls(list(directory))
+
+
+def store_listing(meta: MetaStore, directory: str | Sequence[str], items: Sequence[Item]) -> None:
+    """Store a listing for later offline runs."""
+    name = listing_name(directory)
+    meta.put_listing(name, {"url": name, "listed_at": time.time(), "objects": [i.to_json() for i in items]})
+    log.debug("stored listing %s (%d items)", name, len(items))
+
+
+def stored_items(meta: MetaStore, name: str) -> list[Item]:
+    """The items of a stored listing.
+
+    Raises:
+        NotCachedError: No listing of that name is stored.
+    """
+    stored = meta.get_listing(name)
+    if stored is None:
+        raise NotCachedError(f"offline mode: no stored listing for {name}. Run once with offline=False "
+                             "(or `s3cache warm`) to store it.")
+    return [Item.from_json(row) for row in stored["objects"]]

@@ -1,0 +1,219 @@
+"""The S3 source: listing with ETags and concurrent reads through s3fs, with bounded retries.
+
+Requests go through an ``s3fs.S3FileSystem``'s aiobotocore client on fsspec's event loop.
+Keys are passed to S3 verbatim, never through s3fs's path or glob handling, so keys with
+``[``, ``*``, ``?``, spaces or non-ASCII characters work. Retries are ours alone (botocore's
+and s3fs's are switched off), so the number of attempts in an error message is the truth.
+The filesystem is created lazily and again in every process: s3fs is not fork-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from s3cache.errors import EndpointUnreachableError, S3RequestError
+from s3cache.items import Item
+from s3cache.source.base import Payload, SourceCounters
+from s3cache.source.errors import TruncatedBodyError, describe, is_retryable, translate_error, unwrap
+from s3cache.urls import is_image_key, prefix_of, split_url
+
+DEFAULT_CONCURRENCY = 32
+DEFAULT_ATTEMPTS = 5
+LIST_PAGE_SIZE = 1000
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+class S3Source:
+    """Lists and reads S3 objects (and byte ranges of them) through s3fs.
+
+    Args:
+        storage_options: Keyword arguments for ``s3fs.S3FileSystem`` (``endpoint_url``, ``anon``,
+            ``key``, ``secret``, ``profile``, ``client_kwargs``, ``config_kwargs``, ...).
+        concurrency: Most requests in flight at once.
+        attempts: Tries per request before giving up on transient errors.
+    """
+
+    def __init__(
+        self,
+        storage_options: dict[str, Any] | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        attempts: int = DEFAULT_ATTEMPTS,
+    ) -> None:
+        if concurrency < 1 or attempts < 1:
+            raise ValueError("concurrency and attempts must be at least 1")
+        self.storage_options = dict(storage_options or {})
+        self.concurrency = concurrency
+        self.attempts = attempts
+        self._counters = SourceCounters()
+        self._fs: Any = None
+        self._fs_pid = -1
+        self._semaphore: asyncio.Semaphore | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        # Never the storage options: they may hold credentials.
+        return f"S3Source(endpoint={self.endpoint!r}, concurrency={self.concurrency})"
+
+    @property
+    def counters(self) -> SourceCounters:
+        """Requests, bytes received and retries so far."""
+        return self._counters
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def fs(self) -> Any:
+        """The process's ``s3fs.S3FileSystem``, created on first use (and after a fork)."""
+        with self._lock:
+            if self._fs is None or self._fs_pid != os.getpid():
+                self._fs = self._make_filesystem()
+                self._fs_pid = os.getpid()
+                self._semaphore = None
+            return self._fs
+
+    def _make_filesystem(self) -> Any:
+        import s3fs
+
+        options = dict(self.storage_options)
+        config = {"max_pool_connections": max(self.concurrency * 2, 10),
+                  "retries": {"total_max_attempts": 1}, "connect_timeout": 10, "read_timeout": 60}
+        config.update(options.pop("config_kwargs", None) or {})
+        fs = s3fs.S3FileSystem(**options, config_kwargs=config, skip_instance_cache=True,
+                               use_listings_cache=False, max_concurrency=1)
+        fs.retries = 1  # our own loop retries; attempts in messages must be exact
+        return fs
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint requests go to, for messages."""
+        return str(self.storage_options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3")
+
+    def submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Schedule a coroutine on the S3 event loop from any thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.fs.loop)
+
+    def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        """Run a coroutine on the S3 event loop and wait for its result."""
+        future = self.submit(coro)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # Ctrl-C: stop the coroutine instead of leaving it to be garbage collected
+            raise
+
+    def close(self) -> None:
+        """Forget the filesystem (its connections close with it)."""
+        with self._lock:
+            self._fs = None
+
+    async def _call(self, url: str, bucket: str, method: str, **kwargs: Any) -> dict[str, Any]:
+        """One S3 API call with bounded, jittered exponential backoff on transient errors."""
+        fs = self.fs
+        return await self._with_retries(url, bucket, method, lambda: fs._call_s3(method, **kwargs))
+
+    async def _with_retries(self, url: str, bucket: str, what: str, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        if self._semaphore is None:  # created on the event loop, once per process (see fs)
+            self._semaphore = asyncio.Semaphore(self.concurrency)
+        for number in range(1, self.attempts + 1):
+            try:
+                async with self._semaphore:
+                    self._counters.add(requests=1)
+                    return await attempt()
+            except Exception as raised:
+                exc = unwrap(raised)
+                if not is_retryable(exc):
+                    raise translate_error(exc, url, bucket, self.endpoint) from exc
+                if number == self.attempts:
+                    translated = translate_error(exc, url, bucket, self.endpoint)
+                    if isinstance(translated, EndpointUnreachableError):
+                        raise translated from exc
+                    raise S3RequestError(
+                        f"{url}: {what} failed after {number} attempts; last error: {describe(exc)}"
+                    ) from exc
+                self._counters.add(retries=1)
+                delay = min(0.05 * 2 ** (number - 1), 2.0) * random.uniform(0.5, 1.5)
+                log.info("retrying %s %s in %.2f s (attempt %d of %d): %s", what, url, delay, number + 1,
+                         self.attempts, describe(exc))
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    # -- listing ----------------------------------------------------------------------------------
+
+    def list_prefix(self, url: str) -> list[Item]:
+        """List every image object under a prefix URL, in key order.
+
+        Raises:
+            BucketNotFoundError, AccessDeniedError, CredentialsError, EndpointUnreachableError:
+                as the situation demands, naming the bucket and prefix.
+        """
+        started = time.perf_counter()
+        items = self.run(self._list_prefix(url))
+        log.info("listed %s: %d images in %.2f s", url, len(items), time.perf_counter() - started)
+        return items
+
+    async def _list_prefix(self, url: str) -> list[Item]:
+        bucket, prefix = prefix_of(url)
+        found: list[Item] = []
+        token: dict[str, str] = {}
+        while True:
+            page = await self._call(url, bucket, "list_objects_v2", Bucket=bucket, Prefix=prefix,
+                                    MaxKeys=LIST_PAGE_SIZE, **token)
+            found.extend(Item(bucket, entry["Key"], _etag(entry["ETag"]), int(entry["Size"]))
+                         for entry in page.get("Contents", []) if is_image_key(entry["Key"]))
+            if not page.get("IsTruncated"):
+                return sorted(found, key=lambda item: item.key)
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def resolve_urls(self, urls: Sequence[str]) -> list[Item]:
+        """Look up the ETag and size of each object URL (concurrently), keeping their order."""
+        return self.run(self._head_many(urls))
+
+    async def _head_many(self, urls: Sequence[str]) -> list[Item]:
+        async def head(url: str) -> Item:
+            bucket, key = split_url(url)
+            info = await self._call(url, bucket, "head_object", Bucket=bucket, Key=key)
+            return Item(bucket, key, _etag(info["ETag"]), int(info["ContentLength"]))
+
+        return list(await asyncio.gather(*(head(url) for url in urls)))
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def read(self, item: Item) -> concurrent.futures.Future[Payload]:
+        """Start reading an item: the whole object, or a member's byte range of its shard."""
+        return self.submit(self.read_async(item))
+
+    async def read_async(self, item: Item) -> Payload:
+        """GET an item's bytes (the body read is part of the retried attempt).
+
+        Returns:
+            The bytes and the ETag of the version actually read.
+        """
+        fs = self.fs
+        ranged = {} if item.offset is None else {"Range": f"bytes={item.offset}-{item.offset + item.size - 1}"}
+
+        async def attempt() -> Payload:
+            response = await fs._call_s3("get_object", Bucket=item.bucket, Key=item.key, **ranged)
+            async with response["Body"] as body:
+                data = await body.read()
+            length = int(response.get("ContentLength", len(data)))
+            if len(data) != length:
+                raise TruncatedBodyError(f"read {len(data)} of {length} bytes")
+            self._counters.add(bytes_received=len(data))
+            return Payload(data, _etag(response.get("ETag", item.etag)))
+
+        return await self._with_retries(item.url, item.bucket, "GET", attempt)
+
+
+def _etag(raw: str) -> str:
+    return raw.strip('"')

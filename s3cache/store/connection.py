@@ -1,0 +1,62 @@
+"""s3cache's own SQLite connections to a diskcache database: per-thread readers and one writer."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class Connections:
+    """Read-only connections (one per thread) and one shared write connection to a database.
+
+    Args:
+        path: The SQLite database file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._readers = threading.local()
+        self._all_readers: list[sqlite3.Connection] = []
+        self._write_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+
+    def reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (SQLite connections belong to one thread)."""
+        con: sqlite3.Connection | None = getattr(self._readers, "con", None)
+        if con is None:
+            uri = self.path.absolute().as_uri() + "?mode=ro"
+            con = self._readers.con = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None,
+                                                      check_same_thread=False)
+            self._all_readers.append(con)
+        return con
+
+    @contextlib.contextmanager
+    def write_transaction(self) -> Iterator[sqlite3.Connection]:
+        """An immediate write transaction on the shared writer, serialized across threads."""
+        with self._write_lock:
+            if self._writer is None:
+                self._writer = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                                               check_same_thread=False)
+                self._writer.execute("PRAGMA synchronous = NORMAL")
+            con = self._writer
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the writer and every reader."""
+        with self._write_lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        for con in self._all_readers:
+            con.close()
+        self._all_readers.clear()
+        self._readers = threading.local()
