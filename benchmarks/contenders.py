@@ -269,7 +269,11 @@ def _median_run(name: str, label: str, epochs: list[Epoch]) -> Run:
 
 
 def raw_limit(workload: Workload) -> list[Run]:
-    """The same resized arrays as raw files in the page cache, read with ``np.fromfile`` into float32 batches."""
+    """The same resized arrays as raw files in the page cache: ``os.read`` + ``np.frombuffer`` into each batch.
+
+    The tightest Python read of the arrays: one open/read/close per file into a ``uint8`` batch, then one
+    float32 conversion per batch (``np.fromfile`` per image into float32 is about half as fast).
+    """
     from s3cache.spec import ImageSpec
 
     spec = ImageSpec(workload.image_size)
@@ -282,16 +286,23 @@ def raw_limit(workload: Workload) -> list[Run]:
     for path in paths:  # untimed: make sure every file is in the page cache
         path.read_bytes()
 
+    size = int(np.prod(spec.shape))
+
     def run_epoch(epoch: int) -> int:
         delivered = 0
         for batch in batches([paths[i] for i in _order(len(paths), epoch)], workload.batch_size):
-            images = np.empty((len(batch), *spec.shape), dtype=np.float32)
+            raw = np.empty((len(batch), *spec.shape), dtype=np.uint8)
             for slot, path in enumerate(batch):
-                images[slot] = np.fromfile(path, dtype=np.uint8).reshape(spec.shape)
-            delivered += len(images)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    raw[slot] = np.frombuffer(os.read(fd, size), dtype=np.uint8).reshape(spec.shape)
+                finally:
+                    os.close(fd)
+            delivered += len(raw.astype(np.float32))
         return delivered
 
-    return [Run("raw", "limit: np.fromfile of resized arrays, page cache", timed_epochs(workload, run_epoch))]
+    return [Run("raw", "limit: os.read + np.frombuffer of resized arrays, page cache",
+                timed_epochs(workload, run_epoch))]
 
 
 def capacity_boto3(workload: Workload) -> list[Run]:
