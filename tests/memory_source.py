@@ -69,8 +69,13 @@ class MemorySource:
         data = self.objects.get((item.bucket, item.key))
         if data is None:
             raise ObjectNotFoundError(f"{item.url}: no such object")
+        etag = etag_of(data)
+        if item.offset is not None:
+            if item.etag != etag:
+                raise ValueError(f"{item.url}: the object changed since it was listed")
+            data = data[item.offset:item.offset + item.size]
         self._counters.add(bytes_received=len(data))
-        return Payload(data, etag_of(data))
+        return Payload(data, etag)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
