@@ -11,7 +11,7 @@ from typing import Any
 from s3cache.testing.faults import FAULT_KINDS
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestRecord:
     """One S3 request as the server saw and answered it.
 
@@ -39,7 +39,7 @@ class RequestRecord:
         return cls(**data)
 
 
-@dataclass
+@dataclass(slots=True)
 class LogEntry:
     """The server's still growing form of a :class:`RequestRecord`: ``body_bytes`` rises while the body is sent."""
 
