@@ -30,6 +30,7 @@ from s3cache.spec import ImageSpec
 from s3cache.store import ArrayStore
 
 Entry = np.ndarray | codec.Failure
+Reading = concurrent.futures.Future[Entry]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class Loader:
             max_workers=decode_workers or min(8, os.cpu_count() or 1), thread_name_prefix="s3cache-decode"
         )
         self._pending: dict[str, concurrent.futures.Future[Entry]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _start counts misses while callers hold it
         self._counts = {"hits": 0, "misses": 0, "skipped": 0}
 
     @property
@@ -115,9 +116,13 @@ class Loader:
         if missing:
             if self.source is None:
                 raise NotCachedError.for_objects([items[i].url for i in missing])
-            waiting.update(zip(missing, self._start([items[i] for i in missing]), strict=True))
+            waiting.update(self._start_or_join({i: keys[i] for i in missing}, items))
         for index, future in waiting.items():
             entries[index] = future.result()
+        with self._lock:
+            for index in missing:
+                if self._pending.get(keys[index]) is waiting[index]:
+                    del self._pending[keys[index]]
         return [self._resolve(item, entry) for item, entry in zip(items, entries, strict=True)]
 
     def prefetch(self, items: Iterable[Item]) -> None:
@@ -127,10 +132,11 @@ class Loader:
         with self._lock:
             wanted = {key: item for item in items if (key := self.key(item)) not in self._pending}
         cached = self.store.existing(list(wanted))
-        todo = {key: item for key, item in wanted.items() if key not in cached}
-        futures = self._start(list(todo.values()))
         with self._lock:
-            self._pending.update(zip(todo, futures, strict=True))
+            # Decided and registered in one step: a load() on another thread either finds the read
+            # pending or has started its own, never both.
+            todo = {key: item for key, item in wanted.items() if key not in cached and key not in self._pending}
+            self._pending.update(zip(todo, self._start(list(todo.values())), strict=True))
 
     def drop_prefetched(self) -> None:
         """Forget finished read-ahead results nobody asked for (their arrays are in the store)."""
@@ -197,6 +203,19 @@ class Loader:
     def _count(self, name: str, amount: int = 1) -> None:
         with self._lock:
             self._counts[name] += amount
+
+    def _start_or_join(self, keys: dict[int, str], items: Sequence[Item]) -> dict[int, Reading]:
+        """Reads of the items at the given positions: joined if a read-ahead started them, else started now.
+
+        Started reads are registered as pending (the caller removes them once served), so a read-ahead
+        on another thread joins them instead of reading the same item again.
+        """
+        with self._lock:
+            joined = {i: future for i, key in keys.items() if (future := self._pending.get(key))}
+            fresh = [i for i in keys if i not in joined]
+            started = dict(zip(fresh, self._start([items[i] for i in fresh]), strict=True))
+            self._pending.update((keys[i], future) for i, future in started.items())
+        return joined | started
 
     def _start(self, items: Sequence[Item]) -> list[concurrent.futures.Future[Entry]]:
         assert self.source is not None
