@@ -199,18 +199,20 @@ def _pack(args: argparse.Namespace) -> int:
 
     from s3cache.pack import PackProgress, pack
 
-    bar = tqdm(unit="img", desc="pack", file=sys.stderr, disable=None)
+    bars: list[Any] = []  # made on the first object, once the total is known (and not at all on early errors)
 
     def advance(event: PackProgress) -> None:
-        bar.total = event.total
-        bar.update()
+        if not bars:
+            bars.append(tqdm(total=event.total, unit="img", desc="pack", file=sys.stderr))
+        bars[0].update()
 
     try:
         try:
             report = pack(args.source, args.destination, args.shard_size, _storage_options(args), args.concurrency,
                           progress=advance)
         finally:
-            bar.close()
+            for bar in bars:
+                bar.close()
     except KeyboardInterrupt:
         print("s3cache: interrupted: complete shards are kept; run the same command again to finish",
               file=sys.stderr)
