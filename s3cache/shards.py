@@ -8,7 +8,7 @@ A shard set is a folder of uncompressed tar shards (``shard-000000.tar``, ...) p
 
 ``shard`` is a position in ``shards``, ``offset`` where the member's data starts in that shard and
 ``etag`` the source object's ETag when it was packed (``null`` for shards written by other tools). An
-optional integer ``label`` comes from a WebDataset ``.cls`` member (see :func:`index_from_tars`).
+optional integer ``label`` comes from a WebDataset ``.cls`` member (see :mod:`s3cache.webdataset`).
 Reading is strict: anything malformed, and an index that does not match the shards it names, is a
 :class:`~s3cache.errors.ShardError` naming the shard (and member) and saying how to repair it.
 """
@@ -17,21 +17,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from s3cache.errors import ShardError
-from s3cache.source import IMAGE_EXTENSIONS
-from s3cache.tarformat import BLOCK, SkippedMember, TarMember, member_name_problem
+from s3cache.tarformat import BLOCK, TarMember, member_name_problem
 
 FORMAT = "s3cache-shards"
 VERSION = 1
 INDEX_NAME = "index.json"
-LABEL_EXTENSION = "cls"
 _SHARD_NAME = re.compile(r"shard-(\d{6,})\.tar")
-_IMAGE_EXTENSIONS = frozenset(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
-_REPAIR = "re-run `s3cache pack` for this shard set (or rebuild its index)"
+REPAIR = "re-run `s3cache pack` for this shard set (or rebuild its index)"
 
 
 def shard_name(number: int) -> str:
@@ -110,7 +107,7 @@ class ShardIndex:
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ShardError(f"{url}: not a JSON shard index ({error}); {_REPAIR}") from None
+            raise ShardError(f"{url}: not a JSON shard index ({error}); {REPAIR}") from None
         return cls.from_json(data, url)
 
     @classmethod
@@ -124,10 +121,10 @@ class ShardIndex:
         check = _Checker(url)
         top = check.fields(data, {"format", "version", "source", "shards", "members"}, set(), "the index")
         if top["format"] != FORMAT:
-            raise ShardError(f"{url}: not an s3cache shard index (format {top['format']!r}); {_REPAIR}")
+            raise ShardError(f"{url}: not an s3cache shard index (format {top['format']!r}); {REPAIR}")
         if top["version"] != VERSION:
             raise ShardError(f"{url}: shard index version {top['version']!r}; this s3cache reads version "
-                             f"{VERSION} (upgrade s3cache, or {_REPAIR})")
+                             f"{VERSION} (upgrade s3cache, or {REPAIR})")
         shards = tuple(check.shard(row) for row in check.rows(top["shards"], "shards"))
         members = tuple(check.member(row, shards) for row in check.rows(top["members"], "members"))
         check.layout(shards, members)
@@ -165,11 +162,11 @@ class ShardIndex:
         for shard in self.shards:
             where = f"{base_url}{shard.name}"
             if shard.name not in listed:
-                raise ShardError(f"{where}: listed in the index but missing; {_REPAIR}")
+                raise ShardError(f"{where}: listed in the index but missing; {REPAIR}")
             etag, size = listed[shard.name]
             if (etag, size) != (shard.etag, shard.size):
                 raise ShardError(f"{where}: changed since the index was written (ETag {etag}, {size} bytes; the "
-                                 f"index says ETag {shard.etag}, {shard.size} bytes); {_REPAIR}")
+                                 f"index says ETag {shard.etag}, {shard.size} bytes); {REPAIR}")
 
     def check_scan(self, base_url: str, position: int, scanned: Iterable[TarMember]) -> None:
         """Check a shard's tar headers (from :func:`~s3cache.tarformat.scan_tar`) against the index.
@@ -182,102 +179,10 @@ class ShardIndex:
             where = f"{base_url}{self.shards[position].name}#{member.name}"
             actual = found.get(member.name)
             if actual is None:
-                raise ShardError(f"{where}: in the index but not in the shard; {_REPAIR}")
+                raise ShardError(f"{where}: in the index but not in the shard; {REPAIR}")
             if (actual.offset, actual.size) != (member.offset, member.size):
                 raise ShardError(f"{where}: the shard has it at offset {actual.offset}, {actual.size} bytes; the "
-                                 f"index says offset {member.offset}, {member.size} bytes; {_REPAIR}")
-
-
-def sample_key(name: str) -> tuple[str, str] | None:
-    """Split a WebDataset member name into sample key and extension at the basename's first dot.
-
-    ``cat/0001.jpg`` -> ``("cat/0001", "jpg")``, ``a/b.seg.png`` -> ``("a/b", "seg.png")``; ``None`` for
-    names without a dot in the basename.
-    """
-    folder, slash, base = name.rpartition("/")
-    stem, dot, extension = base.partition(".")
-    return (folder + slash + stem, extension) if dot and stem else None
-
-
-def is_label_member(name: str) -> bool:
-    """Whether a member holds a sample's ``.cls`` label (whose data :func:`index_from_tars` needs)."""
-    parts = sample_key(name)
-    return parts is not None and parts[1] == LABEL_EXTENSION
-
-
-def index_from_tars(
-    source: str,
-    shards: Iterable[tuple[ShardInfo, Iterable[TarMember]]],
-    on_skip: Callable[[SkippedMember], None] | None = None,
-) -> ShardIndex:
-    """Index shards written by other tools in the WebDataset layout (``<key>.jpg``, ``<key>.cls``, ...).
-
-    Members are grouped by sample key within each shard. A sample with an image member (``jpg``, ``jpeg``,
-    ``png``, ``bmp`` or ``gif``) becomes one indexed member, labelled by its ``.cls`` member if it has one.
-
-    Args:
-        source: The shard set's folder URL, ending in ``/`` (recorded as the index's source).
-        shards: Each shard with its members, as :func:`~s3cache.tarformat.scan_tar` yields them with
-            ``read=is_label_member``.
-        on_skip: Called for members that do not become part of the index (other fields, a second image of
-            a sample, a label without an image, a name seen in an earlier shard).
-
-    Raises:
-        ShardError: A ``.cls`` member does not hold an integer.
-    """
-    infos: list[ShardInfo] = []
-    indexed: list[MemberInfo] = []
-    seen: set[str] = set()
-    for shard, members in shards:
-        samples: dict[str, _Sample] = {}
-        for member in members:
-            parts = sample_key(member.name)
-            sample = samples.setdefault(parts[0], _Sample()) if parts else None
-            reason = _sample_problem(sample, parts, member, seen)
-            if reason is None and sample is not None and parts is not None:
-                sample.add(parts[1], member, f"{source}{shard.name}#{member.name}")
-            elif reason is not None and on_skip is not None:
-                on_skip(SkippedMember(member.name, reason))
-        for key, sample in samples.items():
-            if sample.image is not None:
-                seen.add(sample.image.name)
-                indexed.append(MemberInfo(sample.image.name, len(infos), sample.image.offset, sample.image.size,
-                                          None, sample.label))
-            elif sample.label_name is not None and on_skip is not None:
-                on_skip(SkippedMember(sample.label_name, f"label of sample {key} without an image"))
-        infos.append(shard)
-    return ShardIndex(source, tuple(infos), tuple(indexed))
-
-
-class _Sample:
-    def __init__(self) -> None:
-        self.image: TarMember | None = None
-        self.label: int | None = None
-        self.label_name: str | None = None
-
-    def add(self, extension: str, member: TarMember, where: str) -> None:
-        if extension == LABEL_EXTENSION:
-            text = (member.data or b"").decode("utf-8", "replace").strip()
-            if not re.fullmatch(r"[+-]?\d+", text):
-                raise ShardError(f"{where}: a .cls label must be an integer, not {text[:40]!r}")
-            self.label, self.label_name = int(text), member.name
-        else:
-            self.image = member
-
-
-def _sample_problem(
-    sample: _Sample | None, parts: tuple[str, str] | None, member: TarMember, seen: set[str]
-) -> str | None:
-    if sample is None or parts is None:
-        return "no sample key (no extension)"
-    extension = parts[1]
-    if extension == LABEL_EXTENSION:
-        return f"second label of sample {parts[0]}" if sample.label_name is not None else None
-    if extension.lower() not in _IMAGE_EXTENSIONS:
-        return f"not an image or a .{LABEL_EXTENSION} label"
-    if sample.image is not None:
-        return f"second image of sample {parts[0]}"
-    return "same name as a member of an earlier shard" if member.name in seen else None
+                                 f"index says offset {member.offset}, {member.size} bytes; {REPAIR}")
 
 
 def _member_json(member: MemberInfo) -> dict[str, Any]:
@@ -296,7 +201,7 @@ class _Checker:
         self.base = url[: url.rfind("/") + 1]
 
     def fail(self, problem: str) -> ShardError:
-        return ShardError(f"{self.url}: {problem}; {_REPAIR}")
+        return ShardError(f"{self.url}: {problem}; {REPAIR}")
 
     def fields(self, value: Any, required: set[str], optional: set[str], what: str) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -354,12 +259,12 @@ class _Checker:
             shard = shards[member.shard]
             where = f"{self.base}{shard.name}#{member.name}"
             if member.name in seen:
-                raise ShardError(f"{where}: a second member of this name; {_REPAIR}")
+                raise ShardError(f"{where}: a second member of this name; {REPAIR}")
             seen.add(member.name)
             if member.offset % BLOCK or member.offset < ends[member.shard] + BLOCK:
                 raise ShardError(f"{where}: offset {member.offset} is not after a header block clear of the "
-                                 f"previous member; {_REPAIR}")
+                                 f"previous member; {REPAIR}")
             ends[member.shard] = member.offset + member.size + (-member.size % BLOCK)
             if ends[member.shard] > shard.size:
                 raise ShardError(f"{where}: ends at byte {ends[member.shard]}, past the end of the shard "
-                                 f"({shard.size} bytes); {_REPAIR}")
+                                 f"({shard.size} bytes); {REPAIR}")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from s3cache.errors import ShardError
-from s3cache.shards import INDEX_NAME, MemberInfo, ShardIndex, ShardInfo, index_from_tars, is_label_member, sample_key
+from s3cache.shards import INDEX_NAME, MemberInfo, ShardIndex, ShardInfo
 from s3cache.tarformat import (
     BLOCK,
     DEFAULT_MAX_MEMBER_SIZE,
@@ -24,6 +24,7 @@ from s3cache.tarformat import (
     padding,
     scan_tar,
 )
+from s3cache.webdataset import index_from_tars, is_label_member, sample_key
 
 URL = "s3://bucket/set/shard-000000.tar"
 BASE = "s3://bucket/set/"
