@@ -28,7 +28,7 @@ FORMAT = "s3cache-shards"
 VERSION = 1
 INDEX_NAME = "index.json"
 _SHARD_NAME = re.compile(r"shard-(\d{6,})\.tar")
-REPAIR = "re-run `s3cache pack` for this shard set (or rebuild its index)"
+_REPAIR = "re-run `s3cache pack` for this shard set (or rebuild its index)"
 
 
 def shard_name(number: int) -> str:
@@ -107,7 +107,7 @@ class ShardIndex:
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ShardError(f"{url}: not a JSON shard index ({error}); {REPAIR}") from None
+            raise ShardError(f"{url}: not a JSON shard index ({error}); {_REPAIR}") from None
         return cls.from_json(data, url)
 
     @classmethod
@@ -121,10 +121,10 @@ class ShardIndex:
         check = _Checker(url)
         top = check.fields(data, {"format", "version", "source", "shards", "members"}, set(), "the index")
         if top["format"] != FORMAT:
-            raise ShardError(f"{url}: not an s3cache shard index (format {top['format']!r}); {REPAIR}")
+            raise ShardError(f"{url}: not an s3cache shard index (format {top['format']!r}); {_REPAIR}")
         if top["version"] != VERSION:
             raise ShardError(f"{url}: shard index version {top['version']!r}; this s3cache reads version "
-                             f"{VERSION} (upgrade s3cache, or {REPAIR})")
+                             f"{VERSION} (upgrade s3cache, or {_REPAIR})")
         shards = tuple(check.shard(row) for row in check.rows(top["shards"], "shards"))
         members = tuple(check.member(row, shards) for row in check.rows(top["members"], "members"))
         check.layout(shards, members)
@@ -162,11 +162,11 @@ class ShardIndex:
         for shard in self.shards:
             where = f"{base_url}{shard.name}"
             if shard.name not in listed:
-                raise ShardError(f"{where}: listed in the index but missing; {REPAIR}")
+                raise ShardError(f"{where}: listed in the index but missing; {_REPAIR}")
             etag, size = listed[shard.name]
             if (etag, size) != (shard.etag, shard.size):
                 raise ShardError(f"{where}: changed since the index was written (ETag {etag}, {size} bytes; the "
-                                 f"index says ETag {shard.etag}, {shard.size} bytes); {REPAIR}")
+                                 f"index says ETag {shard.etag}, {shard.size} bytes); {_REPAIR}")
 
     def check_scan(self, base_url: str, position: int, scanned: Iterable[TarMember]) -> None:
         """Check a shard's tar headers (from :func:`~s3cache.tarformat.scan_tar`) against the index.
@@ -179,10 +179,10 @@ class ShardIndex:
             where = f"{base_url}{self.shards[position].name}#{member.name}"
             actual = found.get(member.name)
             if actual is None:
-                raise ShardError(f"{where}: in the index but not in the shard; {REPAIR}")
+                raise ShardError(f"{where}: in the index but not in the shard; {_REPAIR}")
             if (actual.offset, actual.size) != (member.offset, member.size):
                 raise ShardError(f"{where}: the shard has it at offset {actual.offset}, {actual.size} bytes; the "
-                                 f"index says offset {member.offset}, {member.size} bytes; {REPAIR}")
+                                 f"index says offset {member.offset}, {member.size} bytes; {_REPAIR}")
 
 
 def _member_json(member: MemberInfo) -> dict[str, Any]:
@@ -201,7 +201,7 @@ class _Checker:
         self.base = url[: url.rfind("/") + 1]
 
     def fail(self, problem: str) -> ShardError:
-        return ShardError(f"{self.url}: {problem}; {REPAIR}")
+        return ShardError(f"{self.url}: {problem}; {_REPAIR}")
 
     def fields(self, value: Any, required: set[str], optional: set[str], what: str) -> dict[str, Any]:
         if not isinstance(value, dict):
@@ -259,12 +259,12 @@ class _Checker:
             shard = shards[member.shard]
             where = f"{self.base}{shard.name}#{member.name}"
             if member.name in seen:
-                raise ShardError(f"{where}: a second member of this name; {REPAIR}")
+                raise ShardError(f"{where}: a second member of this name; {_REPAIR}")
             seen.add(member.name)
             if member.offset % BLOCK or member.offset < ends[member.shard] + BLOCK:
                 raise ShardError(f"{where}: offset {member.offset} is not after a header block clear of the "
-                                 f"previous member; {REPAIR}")
+                                 f"previous member; {_REPAIR}")
             ends[member.shard] = member.offset + member.size + (-member.size % BLOCK)
             if ends[member.shard] > shard.size:
                 raise ShardError(f"{where}: ends at byte {ends[member.shard]}, past the end of the shard "
-                                 f"({shard.size} bytes); {REPAIR}")
+                                 f"({shard.size} bytes); {_REPAIR}")

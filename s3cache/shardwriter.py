@@ -199,7 +199,8 @@ class ShardUpload:
         self._buffer += chunk
         self.size += len(chunk)
         while len(self._buffer) >= self.writer.part_size:
-            part = bytes(self._buffer[: self.writer.part_size])
+            with memoryview(self._buffer) as view:  # one copy; released before the buffer shrinks
+                part = bytes(view[: self.writer.part_size])
             del self._buffer[: self.writer.part_size]
             self._send(part)
 
