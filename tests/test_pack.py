@@ -128,12 +128,22 @@ def test_a_rerun_of_a_complete_set_reads_the_index_and_writes_nothing(s3: LocalS
         ("GET", f"/{SHARDS}/set/{INDEX_NAME}")]
 
 
-def test_large_shards_go_up_as_multipart_uploads(s3: LocalS3, client: Any, dest: str) -> None:
-    big = make_photos(24, seed=3, size_range=(480, 512), fmt="png")
-    upload_photos(s3.storage_options, PHOTO_BUCKET, "big/", big)
-    assert sum(len(data) for _, data in big) > 5 * 2**20
-    s3.reset_stats()
+def test_large_shards_go_up_as_multipart_uploads_aborted_on_failure(s3: LocalS3, client: Any, dest: str) -> None:
+    big = make_photos(25, seed=3, size_range=(480, 512), fmt="png")
+    upload_photos(s3.storage_options, PHOTO_BUCKET, "big/", [*big[:24], ("zz-deny.png", big[24][1])])
+    assert sum(len(data) for _, data in big[:24]) > 5 * 2**20
+    shard_path = f"/{SHARDS}/set/shard-000000.tar"
 
+    s3.configure(deny="deny")  # the last object cannot be read, after a part of the shard went up
+    s3.reset_stats()
+    with pytest.raises(AccessDeniedError, match="zz-deny.png"):
+        pack(f"s3://{PHOTO_BUCKET}/big/", dest, "1GB", s3.storage_options, part_size="5MiB")
+    assert any("partNumber=" in query for _, path, query in s3.log() if path == shard_path)
+    assert client.list_multipart_uploads(Bucket=SHARDS).get("Uploads", []) == [] and folder(client) == {}
+
+    s3.configure()
+    client.delete_object(Bucket=PHOTO_BUCKET, Key="big/zz-deny.png")
+    s3.reset_stats()
     pack(f"s3://{PHOTO_BUCKET}/big/", dest, "1GB", s3.storage_options, part_size="5MiB")
     log = s3.log()
 
@@ -141,8 +151,8 @@ def test_large_shards_go_up_as_multipart_uploads(s3: LocalS3, client: Any, dest:
     (shard,) = index.shards
     parts = -(-shard.size // (5 * 2**20))
     assert parts >= 2 and shard.etag.endswith(f"-{parts}")  # S3's ETag of a multipart upload
-    requests = [(method, "partNumber=" in query, query.startswith("uploads"))
-                 for method, path, query in log if path == f"/{SHARDS}/set/{shard.name}"]
+    requests = [(method, "partNumber=" in query, query.startswith("uploads")) for method, path, query in log
+                if path == shard_path]
     # created, the parts, completed
     assert requests == [("POST", False, True), *[("PUT", True, False)] * parts, ("POST", False, False)]
 
