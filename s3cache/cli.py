@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--url", help="a stored listing's URL: remove it and its objects' arrays under every spec")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
+    pack = _command(commands, "pack", _pack, [s3], "pack a prefix's images into tar shards with an index",
+                    "s3cache pack s3://my-bucket/train/ s3://my-bucket/train-shards/ --shard-size 256MB")
+    pack.add_argument("source", help="prefix URL of the images, e.g. s3://bucket/train/")
+    pack.add_argument("destination", help="folder URL for the shards and index.json; rerun to resume")
+    pack.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
+    pack.add_argument("--concurrency", type=int, default=32, help="most S3 GETs in flight (default: 32)")
+
     demo = _command(commands, "demo", _demo, [cache, s3], "train a small CNN through the cache on an embedded S3",
                     "s3cache demo --images 300 --epochs 3")
     demo.add_argument("--images", type=int, default=300, help="photos uploaded to the embedded S3 (default: 300)")
@@ -183,6 +190,37 @@ def _clear(args: argparse.Namespace) -> int:
         return EXIT_DECLINED
     removed = clear_cache(args.cache_dir, spec=args.spec, url=args.url)
     print(f"removed {what}: {removed} arrays")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from s3cache.pack import PackProgress, pack
+
+    bars: list[Any] = []  # made on the first object, once the total is known (and not at all on early errors)
+
+    def advance(event: PackProgress) -> None:
+        if not bars:
+            bars.append(tqdm(total=event.total, unit="img", desc="pack", file=sys.stderr))
+        bars[0].update()
+
+    try:
+        try:
+            report = pack(args.source, args.destination, args.shard_size, _storage_options(args), args.concurrency,
+                          progress=advance)
+        finally:
+            for bar in bars:
+                bar.close()
+    except KeyboardInterrupt:
+        print("s3cache: interrupted: complete shards are kept; run the same command again to finish",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    for line in report.skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    print(f"{report.source} -> {report.destination}: {report.members} members in {report.shards} shards; "
+          f"{report.packed} packed into {report.shards_written} new shards ({_size(report.bytes_written)}), "
+          f"{report.kept} kept, {len(report.skipped)} skipped, {report.seconds:.1f} s")
     return 0
 
 

@@ -50,6 +50,10 @@ class ImageTooLargeError(DecodeError):
     """An image declares more pixels than the configured limit (a decompression bomb)."""
 
 
+class ShardError(S3CacheError, ValueError):
+    """A tar shard or a shard set's index is damaged, hostile, or does not match the shards."""
+
+
 class CacheError(S3CacheError, OSError):
     """The cache directory cannot be opened, created or written."""
 
