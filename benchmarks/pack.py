@@ -66,13 +66,13 @@ def measure_capacity(options: dict[str, Any]) -> dict[str, float]:
 
 def measure_source(options: dict[str, Any]) -> dict[str, float]:
     """The same GETs through ``S3Source``, the read path ``pack`` uses; the listing is not timed."""
-    from s3cache.source import S3Source
+    from s3cache.source.s3 import S3Source
 
     source = S3Source(options, concurrency=CONCURRENCY)
     objects = source.list_prefix(f"s3://{BUCKET}/{PREFIX}")
 
     async def get_all() -> None:
-        await asyncio.gather(*(source.get(obj) for obj in objects))
+        await asyncio.gather(*(source.read_async(obj) for obj in objects))
 
     start = time.perf_counter()
     source.run(get_all())
@@ -125,7 +125,7 @@ def main() -> None:
         child(args)
         return
 
-    from s3cache.store import parse_size
+    from s3cache.config import parse_size
     from s3cache.testing.locals3 import LocalS3
     from s3cache.testing.sampledata import make_photos, upload_photos
 

@@ -34,12 +34,15 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
 
+from s3cache.config import DEFAULT_CONCURRENCY, parse_size
 from s3cache.errors import EmptyListingError, ShardError
+from s3cache.items import Item
 from s3cache.shards import INDEX_NAME, MemberInfo, ShardIndex, manifest_name, shard_name, shard_number
 from s3cache.shardwriter import DEFAULT_PART_SIZE, ShardSetWriter
-from s3cache.source import DEFAULT_CONCURRENCY, S3Object, S3Source, split_url
-from s3cache.store import parse_size
+from s3cache.source import Payload
+from s3cache.source.s3 import S3Source
 from s3cache.tarformat import END_OF_ARCHIVE, entry_size, member_name_problem
+from s3cache.urls import split_url
 
 __all__ = ["PackProgress", "PackReport", "pack"]
 
@@ -97,7 +100,7 @@ class _Entry:
     """An object to pack and its member name."""
 
     name: str
-    obj: S3Object
+    obj: Item
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,7 @@ def _list_source(reader: S3Source, source: str | Sequence[str]) -> tuple[str, li
         # Character-wise on purpose: the common part is then cut back to its last folder.
         common = os.path.commonprefix([split_url(url)[1] for url in urls])  # noqa: RUF071
         prefix = common[: common.rfind("/") + 1]
-        objects = reader.head_many(urls)
+        objects = reader.resolve_urls(urls)
     entries: list[_Entry] = []
     skipped: list[str] = []
     for obj in objects:
@@ -215,9 +218,9 @@ def _list_source(reader: S3Source, source: str | Sequence[str]) -> tuple[str, li
     return f"s3://{bucket}/{prefix}", entries, skipped
 
 
-def _read(reader: S3Source, obj: S3Object) -> Future[tuple[bytes, str]]:
+def _read(reader: S3Source, obj: Item) -> Future[Payload]:
     """Start a GET of one object: its bytes and the ETag of the version read."""
-    return reader.submit(reader.get(obj))
+    return reader.read(obj)
 
 
 def _number(part: ShardIndex) -> int:
@@ -319,10 +322,11 @@ def _write_shards(
             members: list[MemberInfo] = []
             try:
                 for entry in plan.entries:
-                    data, etag = fetched.next()
-                    members.append(MemberInfo(entry.name, 0, upload.add(entry.name, data), len(data), etag))
+                    payload = fetched.next()
+                    offset = upload.add(entry.name, payload.data)
+                    members.append(MemberInfo(entry.name, 0, offset, len(payload.data), payload.etag))
                     if progress is not None:
-                        progress(PackProgress(entry.name, len(data), fetched.done, len(entries)))
+                        progress(PackProgress(entry.name, len(payload.data), fetched.done, len(entries)))
             except BaseException:
                 upload.abort()
                 raise
@@ -341,12 +345,12 @@ def _write_shards(
 class _ReadAhead:
     """GETs objects in order, keeping up to ``most`` GETs and ``READ_AHEAD_BYTES`` ahead of the consumer."""
 
-    def __init__(self, read: Callable[[_Entry], Future[tuple[bytes, str]]], entries: Sequence[_Entry],
+    def __init__(self, read: Callable[[_Entry], Future[Payload]], entries: Sequence[_Entry],
                  most: int) -> None:
         self._read = read
         self._todo = iter(entries)
         self._most = most
-        self._window: deque[tuple[_Entry, Future[tuple[bytes, str]]]] = deque()
+        self._window: deque[tuple[_Entry, Future[Payload]]] = deque()
         self._bytes = 0
         self.done = 0
         self._fill()
@@ -359,7 +363,7 @@ class _ReadAhead:
             self._window.append((entry, self._read(entry)))
             self._bytes += entry.obj.size
 
-    def next(self) -> tuple[bytes, str]:
+    def next(self) -> Payload:
         """The next object's bytes and the ETag read."""
         entry, future = self._window.popleft()
         self._bytes -= entry.obj.size

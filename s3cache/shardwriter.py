@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 
 from s3cache.errors import AccessDeniedError
 from s3cache.shards import MemberInfo, ShardIndex, ShardInfo, manifest_name
-from s3cache.source import split_url, translate_error
+from s3cache.source.errors import translate_error
 from s3cache.tarformat import END_OF_ARCHIVE, member_header, padding
+from s3cache.urls import split_url
 
 MIN_PART_SIZE = 5 * 2**20  # S3's smallest part (but the last)
 DEFAULT_PART_SIZE = 8 * 2**20
@@ -79,7 +80,7 @@ class ShardSetWriter:
             # s3fs turns botocore errors into OSErrors; the botocore error (the cause) says more.
             cause = raised.__cause__ if isinstance(raised, OSError) and isinstance(raised.__cause__, Exception) \
                 else raised
-            raise translate_error(cause, self.url_of(name), _endpoint(self.storage_options)) from raised
+            raise translate_error(cause, self.url_of(name), self.bucket, _endpoint(self.storage_options)) from raised
         return result
 
     def contents(self) -> dict[str, tuple[str, int]]:

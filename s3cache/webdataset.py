@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 
 from s3cache.errors import ShardError
 from s3cache.shards import MemberInfo, ShardIndex, ShardInfo
-from s3cache.source import IMAGE_EXTENSIONS
 from s3cache.tarformat import SkippedMember, TarMember
+from s3cache.urls import IMAGE_EXTENSIONS
 
 LABEL_EXTENSION = "cls"
 _IMAGE_EXTENSIONS = frozenset(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
