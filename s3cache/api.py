@@ -11,10 +11,13 @@ import numpy as np
 
 from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
 from s3cache.dataset import S3ImageDataset
+from s3cache.items import Item
+from s3cache.keys import cache_key
 from s3cache.labels import labels_for
 from s3cache.listing import resolve_items
 from s3cache.sharding import resolve_shard, shard_slice
 from s3cache.spec import ImageSpec
+from s3cache.store.directory import CacheDirectory
 
 LABEL_MODES = ("int", "categorical", "binary", None)
 SUBSETS = ("training", "validation", "both")
@@ -102,6 +105,7 @@ def image_dataset_from_s3(
     shard_index, shard_count = resolve_shard(shard)
     with config.open_cache() as cache:
         items = resolve_items(directory, cache.meta, config.open_source())
+        cold_shards = not offline and _mostly_uncached_members(items, spec, cache)
     label_array, names = labels_for(items, directory, labels, class_names)
     if isinstance(labels, str):  # inferred: items outside every class folder are left out, as in Keras
         keep = label_array >= 0
@@ -124,6 +128,7 @@ def image_dataset_from_s3(
             spec, config, label_mode=label_mode if labels is not None else None, batch_size=batch_size,
             shuffle=shuffle, seed=seed, dtype=dtype, steps_per_epoch=math.ceil(largest_shard / batch_size),
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
+            cold_shards=cold_shards,
         )
 
     if not validation_split:
@@ -154,3 +159,13 @@ def _check_arguments(labels: Any, label_mode: str | None, subset: str | None, va
         raise ValueError("validation_split and subset must be given together")
     if validation_split and shuffle and seed is None:
         raise ValueError("a validation split with shuffling needs a seed, so both subsets agree on the split")
+
+
+def _mostly_uncached_members(items: Sequence[Item], spec: ImageSpec, cache: CacheDirectory) -> bool:
+    """Whether the items are tar-shard members and most of a sample of them is not cached yet."""
+    members = [item for item in items if item.member is not None]
+    if not members:
+        return False
+    sample = [members[i] for i in np.random.default_rng(0).choice(len(members), min(256, len(members)), False)]
+    cached = cache.arrays.existing([cache_key(spec.fingerprint, item) for item in sample])
+    return len(cached) < len(sample) / 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from s3cache.store.directory import CacheDirectory
 
 if TYPE_CHECKING:
+    from s3cache.items import Item
     from s3cache.loader import Loader
     from s3cache.source import Source
     from s3cache.spec import ImageSpec
@@ -100,19 +102,33 @@ class CacheConfig:
         """Open the cache directory's stores (creating them unless ``must_exist``)."""
         return CacheDirectory(self.cache_dir, self.size_limit, must_exist=must_exist)
 
-    def open_source(self) -> Source | None:
-        """The S3 source, or ``None`` offline."""
+    def open_source(self, items: Sequence[Item] = ()) -> Source | None:
+        """The S3 source, or ``None`` offline.
+
+        Args:
+            items: The items a dataset will read; tar-shard members among them are read in chunks.
+        """
         if self.offline:
             return None
         from s3cache.source.s3 import S3Source
 
-        return S3Source(self.storage_options, concurrency=self.concurrency)
+        source = S3Source(self.storage_options, concurrency=self.concurrency)
+        if not any(item.member is not None for item in items):
+            return source
+        from s3cache.source.chunks import ChunkedSource, ChunkPlan
 
-    def open_loader(self, spec: ImageSpec) -> Loader:
-        """Open the cache and the source, record the spec, and build a loader over them."""
+        return ChunkedSource(source, ChunkPlan(items))
+
+    def open_loader(self, spec: ImageSpec, items: Sequence[Item] = ()) -> Loader:
+        """Open the cache and the source, record the spec, and build a loader over them.
+
+        Args:
+            spec: How images are decoded.
+            items: The items the loader will serve (see :meth:`open_source`).
+        """
         from s3cache.loader import Loader
 
         cache = self.open_cache()
         cache.meta.put_spec(spec.fingerprint, spec.to_dict())
         cache.meta.close()  # the loader needs the arrays only
-        return Loader(spec, cache.arrays, self.open_source(), on_error=self.on_error)
+        return Loader(spec, cache.arrays, self.open_source(items), on_error=self.on_error)

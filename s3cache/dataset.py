@@ -13,6 +13,7 @@ import numpy as np
 from s3cache.config import CacheConfig
 from s3cache.items import Item
 from s3cache.loader import Loader
+from s3cache.order import full_shuffle, shard_window_shuffle
 from s3cache.spec import ImageSpec
 
 DTYPES = ("float32", "uint8")
@@ -39,6 +40,8 @@ class S3ImageDataset(keras.utils.PyDataset):
             picks enough to keep the S3 connections busy (none with ``use_multiprocessing``).
         steps_per_epoch: Batches per epoch of :meth:`to_tf_dataset` (default ``len(self)``): the
             largest shard's count, so that every worker of a sharded run takes as many steps.
+        cold_shards: Serve the first epoch shard window by shard window (see :mod:`s3cache.order`): for
+            a packed dataset whose arrays are not cached yet.
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` for ``PyDataset``.
     """
 
@@ -57,6 +60,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         dtype: str = "float32",
         readahead: int | None = None,
         steps_per_epoch: int | None = None,
+        cold_shards: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -78,6 +82,7 @@ class S3ImageDataset(keras.utils.PyDataset):
             readahead = 0 if self.use_multiprocessing else max(2, math.ceil(2 * config.concurrency / batch_size))
         self.readahead = readahead
         self.steps_per_epoch = steps_per_epoch or len(self)
+        self.cold_shards = cold_shards
         self.epoch = 0
         self._order = self._epoch_order(0)
         self._last_index: int | None = None
@@ -136,7 +141,7 @@ class S3ImageDataset(keras.utils.PyDataset):
     def loader(self) -> Loader:
         """This process's loader, opened on first use."""
         if self._loader is None or self._loader_pid != os.getpid():
-            self._loader = self.config.open_loader(self.spec)
+            self._loader = self.config.open_loader(self.spec, self.items)
             self._loader_pid = os.getpid()
         return self._loader
 
@@ -186,7 +191,9 @@ class S3ImageDataset(keras.utils.PyDataset):
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(len(self.items))
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+        if epoch == 0 and self.cold_shards:
+            return shard_window_shuffle(self.items, self.seed, epoch)
+        return full_shuffle(len(self.items), self.seed, epoch)
 
     def _readahead_items(self, index: int) -> list[Item]:
         """The items to read ahead after serving ``index``.

@@ -22,6 +22,10 @@ class ObjectNotFoundError(S3CacheError, FileNotFoundError):
     """An object does not exist (or vanished between listing and reading)."""
 
 
+class ObjectChangedError(S3CacheError, FileNotFoundError):
+    """The version of an object that was listed (and indexed) is gone: it was overwritten since."""
+
+
 class EmptyListingError(S3CacheError, FileNotFoundError):
     """A prefix holds no image objects."""
 

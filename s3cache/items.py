@@ -24,6 +24,7 @@ class Item:
         size: Bytes of the image (for a member, the member's size).
         member: The member's name inside the shard, or ``None`` for a whole object.
         offset: Where the member's data starts inside the shard, or ``None`` for a whole object.
+        label: A class number stored with the image (a WebDataset ``.cls`` member), or ``None``.
     """
 
     bucket: str
@@ -32,6 +33,7 @@ class Item:
     size: int
     member: str | None = None
     offset: int | None = None
+    label: int | None = None
 
     @property
     def object_url(self) -> str:
@@ -51,7 +53,9 @@ class Item:
     def to_json(self) -> list[Any]:
         """A compact JSON form (for stored listings)."""
         row: list[Any] = [self.bucket, self.key, self.etag, self.size]
-        return row if self.member is None else [*row, self.member, self.offset]
+        if self.member is None:
+            return row
+        return [*row, self.member, self.offset] + ([] if self.label is None else [self.label])
 
     @classmethod
     def from_json(cls, row: Sequence[Any]) -> Item:
@@ -60,9 +64,9 @@ class Item:
         Raises:
             ValueError: The row is not a stored item.
         """
-        if len(row) not in (4, 6):
+        if len(row) not in (4, 6, 7):
             raise ValueError(f"not a stored item: {row!r}")
         bucket, key, etag, size = str(row[0]), str(row[1]), str(row[2]), int(row[3])
         if len(row) == 4:
             return cls(bucket, key, etag, size)
-        return cls(bucket, key, etag, size, str(row[4]), int(row[5]))
+        return cls(bucket, key, etag, size, str(row[4]), int(row[5]), int(row[6]) if len(row) == 7 else None)

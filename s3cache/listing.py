@@ -13,8 +13,10 @@ from collections.abc import Sequence
 
 from s3cache.errors import EmptyListingError, NotCachedError
 from s3cache.items import Item
+from s3cache.packed import is_packed, packed_items
 from s3cache.source import Source
 from s3cache.store import MetaStore
+from s3cache.urls import is_image_key
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +38,28 @@ def resolve_items(directory: str | Sequence[str], meta: MetaStore, source: Sourc
     """
     if source is None:
         return stored_items(meta, listing_name(directory))
-    items = list_online(directory, source)
+    items = list_online(directory, source, meta)
     store_listing(meta, directory, items)
     return items
 
 
-def list_online(directory: str | Sequence[str], source: Source) -> list[Item]:
-    """List a prefix, or resolve a list of URLs, through the source.
+def list_online(directory: str | Sequence[str], source: Source, meta: MetaStore | None = None) -> list[Item]:
+    """List a prefix (loose images, or a packed shard set), or resolve a list of URLs, through the source.
+
+    Args:
+        directory: A prefix URL or a list of image URLs.
+        source: Where to list.
+        meta: Where an index built for tar shards without one is kept (``None``: not kept).
 
     Raises:
         EmptyListingError: No image objects.
+        ShardError: A shard set's index is damaged or does not match its shards.
     """
     if isinstance(directory, str):
-        items = source.list_prefix(directory)
+        objects = source.list_objects(directory)
+        if is_packed(directory, objects):
+            return packed_items(directory, objects, source, meta)
+        items = [item for item in objects if is_image_key(item.key)]
         if not items:
             raise EmptyListingError(f"no image objects (.jpg .jpeg .png .bmp .gif) under {directory}")
         return items

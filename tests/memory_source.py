@@ -41,11 +41,14 @@ class MemorySource:
     def counters(self) -> SourceCounters:
         return self._counters
 
-    def list_prefix(self, url: str) -> list[Item]:
+    def list_objects(self, url: str) -> list[Item]:
         bucket, prefix = prefix_of(url)
         self._counters.add(requests=1)
         return sorted((Item(b, k, etag_of(data), len(data)) for (b, k), data in self.objects.items()
-                       if b == bucket and k.startswith(prefix) and is_image_key(k)), key=lambda i: i.key)
+                       if b == bucket and k.startswith(prefix)), key=lambda i: i.key)
+
+    def list_prefix(self, url: str) -> list[Item]:
+        return [item for item in self.list_objects(url) if is_image_key(item.key)]
 
     def resolve_urls(self, urls: Sequence[str]) -> list[Item]:
         items = []

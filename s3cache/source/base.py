@@ -52,8 +52,8 @@ class Source(Protocol):
         """What this source has done so far."""
         ...
 
-    def list_prefix(self, url: str) -> list[Item]:
-        """Every image under a prefix URL, in key order."""
+    def list_objects(self, url: str) -> list[Item]:
+        """Every object under a prefix URL (a folder), in key order."""
         ...
 
     def resolve_urls(self, urls: Sequence[str]) -> list[Item]:

@@ -121,9 +121,9 @@ class ChunkedSource:
         """The inner source's counters."""
         return self.inner.counters
 
-    def list_prefix(self, url: str) -> list[Item]:
+    def list_objects(self, url: str) -> list[Item]:
         """As the inner source."""
-        return self.inner.list_prefix(url)
+        return self.inner.list_objects(url)
 
     def resolve_urls(self, urls: Sequence[str]) -> list[Item]:
         """As the inner source."""
@@ -136,11 +136,15 @@ class ChunkedSource:
             return self.inner.read(item)
         with self._lock:
             held = self._held.get(chunk)
-            if held is None or item not in held.waiting:
+            started = held is None or item not in held.waiting
+            if started:
                 held = self._start(chunk)
+            assert held is not None
             held.waiting.discard(item)
             if not held.waiting:
-                del self._held[chunk]  # every member has been handed out: the bytes can go
+                self._held.pop(chunk, None)  # every member has been handed out: the bytes can go
+        if started:  # outside the lock: a callback runs at once on a read that has already failed
+            held.reading.add_done_callback(lambda reading: self._forget_failed(chunk, held, reading))
         result: concurrent.futures.Future[Payload] = concurrent.futures.Future()
         held.reading.add_done_callback(lambda reading: _slice(reading, chunk, item, result))
         return result
@@ -149,7 +153,6 @@ class ChunkedSource:
         """Read a chunk and hold it (caller holds the lock); drop the oldest chunks past the budget."""
         held = _Held(self.inner.read(chunk.span), set(chunk.members))
         self._held[chunk] = held
-        held.reading.add_done_callback(lambda reading: self._forget_failed(chunk, held, reading))
         while len(self._held) > 1 and sum(c.end - c.start for c in self._held) > self.memory_budget:
             self._held.popitem(last=False)  # its waiting members will read it again
         return held

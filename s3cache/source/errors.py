@@ -10,6 +10,7 @@ from s3cache.errors import (
     BucketNotFoundError,
     CredentialsError,
     EndpointUnreachableError,
+    ObjectChangedError,
     ObjectNotFoundError,
     S3CacheError,
     S3RequestError,
@@ -19,6 +20,7 @@ _RETRYABLE_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestT
                     "ThrottlingException", "RequestLimitExceeded", "500", "502", "503", "504"}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _DENIED_CODES = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
+_CHANGED_CODES = {"PreconditionFailed", "412"}
 _BAD_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 
 
@@ -92,6 +94,9 @@ def translate_error(exc: BaseException, url: str, bucket: str, endpoint: str) ->
         if code in _DENIED_CODES:
             return AccessDeniedError(f"access denied to {url} (S3 error {code}): check the bucket policy "
                                      "and the credentials' permissions")
+        if code in _CHANGED_CODES:
+            return ObjectChangedError(f"{url}: the object changed since it was listed; list it again (build the "
+                                      "dataset with offline=False, or rerun `s3cache warm`)")
         if code in _BAD_CREDENTIAL_CODES:
             return CredentialsError(f"S3 rejected the credentials used for {url} ({code})")
         return S3RequestError(f"{url}: S3 error {code}: {exc}")

@@ -150,19 +150,23 @@ class S3Source:
 
     # -- listing ----------------------------------------------------------------------------------
 
-    def list_prefix(self, url: str) -> list[Item]:
-        """List every image object under a prefix URL, in key order.
+    def list_objects(self, url: str) -> list[Item]:
+        """List every object under a prefix URL (a folder), in key order.
 
         Raises:
             BucketNotFoundError, AccessDeniedError, CredentialsError, EndpointUnreachableError:
                 as the situation demands, naming the bucket and prefix.
         """
         started = time.perf_counter()
-        items = self.run(self._list_prefix(url))
-        log.info("listed %s: %d images in %.2f s", url, len(items), time.perf_counter() - started)
+        items = self.run(self._list_objects(url))
+        log.info("listed %s: %d objects in %.2f s", url, len(items), time.perf_counter() - started)
         return items
 
-    async def _list_prefix(self, url: str) -> list[Item]:
+    def list_prefix(self, url: str) -> list[Item]:
+        """List the image objects under a prefix URL, in key order (see :meth:`list_objects`)."""
+        return [item for item in self.list_objects(url) if is_image_key(item.key)]
+
+    async def _list_objects(self, url: str) -> list[Item]:
         bucket, prefix = prefix_of(url)
         found: list[Item] = []
         token: dict[str, str] = {}
@@ -170,7 +174,7 @@ class S3Source:
             page = await self._call(url, bucket, "list_objects_v2", Bucket=bucket, Prefix=prefix,
                                     MaxKeys=LIST_PAGE_SIZE, **token)
             found.extend(Item(bucket, entry["Key"], _etag(entry["ETag"]), int(entry["Size"]))
-                         for entry in page.get("Contents", []) if is_image_key(entry["Key"]))
+                         for entry in page.get("Contents", []))
             if not page.get("IsTruncated"):
                 return sorted(found, key=lambda item: item.key)
             token = {"ContinuationToken": page["NextContinuationToken"]}
@@ -200,7 +204,9 @@ class S3Source:
             The bytes and the ETag of the version actually read.
         """
         fs = self.fs
-        ranged = {} if item.offset is None else {"Range": f"bytes={item.offset}-{item.offset + item.size - 1}"}
+        # A byte range only means something in the version it was indexed in: S3 refuses (412) another one.
+        ranged = {} if item.offset is None else {"Range": f"bytes={item.offset}-{item.offset + item.size - 1}",
+                                                 "IfMatch": f'"{item.etag}"'}
 
         async def attempt() -> Payload:
             response = await fs._call_s3("get_object", Bucket=item.bucket, Key=item.key, **ranged)
