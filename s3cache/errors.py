@@ -42,12 +42,28 @@ class S3RequestError(S3CacheError, ConnectionError):
     """A request kept failing after every retry."""
 
 
+class FetchTimeoutError(S3RequestError, TimeoutError):
+    """An object's bytes did not arrive within their deadline, in any attempt."""
+
+
+class ObjectChangedError(S3CacheError, FileNotFoundError):
+    """The version of an object that was listed is gone: a tar shard was rewritten since its listing."""
+
+
 class DecodeError(S3CacheError, ValueError):
     """An object's bytes are not an image Pillow can decode."""
 
 
 class ImageTooLargeError(DecodeError):
     """An image declares more pixels than the configured limit (a decompression bomb)."""
+
+
+class ObjectTooLargeError(DecodeError):
+    """An object is larger than the configured maximum object size, or sent more bytes than it was listed with.
+
+    Like a decode failure it concerns one object: ``on_error="skip"`` skips it. It is never stored
+    as a failure record, since raising the limit must make the object readable again.
+    """
 
 
 class CacheError(S3CacheError, OSError):
