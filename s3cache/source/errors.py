@@ -40,9 +40,13 @@ def redact(text: str) -> str:
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """The botocore error behind an ``OSError`` that s3fs translated it into, else ``exc`` itself."""
+    """The botocore error behind an ``OSError`` that s3fs translated it into, else ``exc`` itself.
+
+    Our own errors (some of which are ``OSError`` too) are never unwrapped.
+    """
     cause = exc.__cause__
-    return cause if isinstance(exc, OSError) and isinstance(cause, Exception) else exc
+    translated = isinstance(exc, OSError) and not isinstance(exc, S3CacheError)
+    return cause if translated and isinstance(cause, Exception) else exc
 
 
 def error_code(exc: BaseException) -> str | None:

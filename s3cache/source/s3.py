@@ -37,6 +37,7 @@ from s3cache.source.errors import (
     DeadlineExceeded,
     TruncatedBodyError,
     describe,
+    error_code,
     is_retryable,
     redact,
     translate_error,
@@ -50,6 +51,7 @@ LIST_PAGE_SIZE = 1000
 BODY_SLACK = 2**20
 """A whole object's body may exceed its listed size by this much, or by a quarter, whichever is more."""
 _CHUNK = 2**20
+_SHARD_CHANGED_CODES = {"PreconditionFailed", "412", "InvalidRange", "416"}
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,7 @@ class S3Source:
             try:
                 async with self._semaphore:
                     self._counters.add(requests=1)
+                    await self.fs.set_session()  # creating the client (once) is no part of a deadline
                     return await _within(deadline, attempt())
             except Exception as raised:
                 exc = unwrap(raised)
@@ -254,18 +257,26 @@ class S3Source:
             S3CacheError: Other failures, naming the item.
         """
         fs = self.fs
-        ranged = {} if item.offset is None else {"Range": f"bytes={item.offset}-{item.offset + item.size - 1}"}
+        # A member is read only from the shard version it was listed from: its offset means nothing in another.
+        ranged = {} if item.offset is None else {"Range": f"bytes={item.offset}-{item.offset + item.size - 1}",
+                                                  "IfMatch": f'"{item.etag}"'}
         limit = body_limit(item)
 
+        def changed(now: str) -> ObjectChangedError:
+            return ObjectChangedError(f"{item.url}: the shard {item.object_url} changed since it was listed "
+                                      f"(ETag {item.etag} listed, {now}), so its members may have moved; list it again")
+
         async def attempt() -> Payload:
-            response = await fs._call_s3("get_object", Bucket=item.bucket, Key=item.key, **ranged)
+            try:
+                response = await fs._call_s3("get_object", Bucket=item.bucket, Key=item.key, **ranged)
+            except Exception as exc:
+                if item.member is not None and error_code(unwrap(exc)) in _SHARD_CHANGED_CODES:
+                    raise changed(f"S3 answered {error_code(unwrap(exc))}") from exc
+                raise
             async with response["Body"] as body:  # leaving closes the connection unless the body was read
                 etag = _etag(response.get("ETag", item.etag))
                 if item.member is not None and etag != item.etag:
-                    raise ObjectChangedError(
-                        f"{item.url}: the shard {item.object_url} changed since it was listed (ETag {item.etag} "
-                        f"listed, {etag} now), so its members may have moved; list it again"
-                    )
+                    raise changed(f"{etag} now")
                 length = response.get("ContentLength")
                 if length is not None and int(length) > limit:
                     raise _too_large(item, int(length), limit)
