@@ -379,10 +379,13 @@ class Loader:
         except Exception as exc:  # the source could not even start (e.g. no event loop any more)
             _fail(result, exc)
             return
-        # Cancelling the result (a fill interrupted) cancels the read as well.
-        result.add_done_callback(lambda done: reading.cancel() if done.cancelled() else None)
+        # Cancelling the result (a fill interrupted) cancels the read as well. The link is cut once the read
+        # is done: futures keep their callbacks, and the read's bytes must not live as long as the result.
+        link = [reading]
+        result.add_done_callback(lambda done: link[0].cancel() if done.cancelled() and link else None)
 
         def on_read(read: concurrent.futures.Future[Payload]) -> None:
+            link.clear()
             if read.cancelled():
                 result.cancel()
             elif isinstance(error := read.exception(), ObjectTooLargeError):

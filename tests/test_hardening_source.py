@@ -170,6 +170,34 @@ def test_listed_bytes_in_flight_stay_within_the_budget(
     assert len(source.reads) == len(object_gets(s3)) == 24 and source.in_flight == 0
 
 
+def test_the_budget_bounds_the_memory_of_a_batch_not_just_its_requests(s3: LocalS3, cache_dir: Path) -> None:
+    import tracemalloc
+
+    mib = 2**20
+    client = s3.boto3_client()
+    client.create_bucket(Bucket="heavy")
+    for i in range(6):
+        client.put_object(Bucket="heavy", Key=f"big/{i}.jpg", Body=os.urandom(4 * mib))  # undecodable: skipped
+    s3.configure(latency_ms=100)  # all six requests would be in flight together without a budget
+    peaks = {}
+    for budget in (64 * mib, 4 * mib):
+        loader = open_loader(s3, cache_dir / str(budget), on_error="skip", max_bytes_in_flight=budget)
+        try:
+            items = listed(loader, "s3://heavy/big/")
+            tracemalloc.start()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    assert loader.load(items) == [None] * 6
+                peaks[budget] = tracemalloc.get_traced_memory()[1] / mib
+            finally:
+                tracemalloc.stop()
+        finally:
+            loader.close()
+    # One body at a time (plus the copy that joins its chunks), where six at once hold all of theirs.
+    assert peaks[4 * mib] < 12 < 24 < peaks[64 * mib], peaks
+
+
 def test_a_body_larger_than_its_listed_size_is_refused_unread(
     s3: LocalS3, bucket: str, photos: list[tuple[str, bytes]], cache_dir: Path
 ) -> None:
@@ -284,9 +312,9 @@ def test_a_trickling_body_misses_its_deadline_and_fails_naming_the_url(
 ) -> None:
     body = photos[3][1]  # 2.8 kB at one byte per 50 ms: over two minutes; the read timeout never fires
     with TrickleServer(body, interval=0.05) as server:
-        source = S3Source(server.storage_options, attempts=2, fetch_timeout=0.5)
+        source = S3Source(server.storage_options, attempts=2, fetch_timeout=1.0)
         item = Item("slow", "train/cat/1.jpg", "0123456789abcdef0123456789abcdef", len(body))
-        assert source.deadline(item) == pytest.approx(0.5 + len(body) / 2**20)
+        assert source.deadline(item) == pytest.approx(1.0 + len(body) / 2**20)
         store = ArrayStore(tmp_path / "arrays")
         loader = Loader(SPEC, store, source, ledger=False)
         started = time.monotonic()
@@ -508,3 +536,19 @@ def test_logs_tell_retries_skips_refusals_and_waits_but_never_a_credential(
         if record.name.startswith("s3cache"):
             assert KEY_ID not in text, text
     assert len(every_log_record) > len(messages)  # botocore's DEBUG records were seen (and checked) too
+
+
+def test_an_unwritable_ledger_switches_itself_off_and_everyone_fetches(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ledger = FetchLedger(tmp_path / "no-such-directory" / FILENAME)
+    with caplog.at_level(logging.INFO, logger="s3cache"):
+        assert ledger.claim(["a", "b"]) == {"a", "b"}  # nobody to coordinate with: the caller fetches
+        assert ledger.claim(["a"]) == {"a"} and ledger.unclaimed(["a"]) == {"a"}
+    assert not ledger.enabled
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "fetch coordination" in warned[0].getMessage()
+    ledger.close()
+    offline = FetchLedger(tmp_path / FILENAME, read_only=True)  # nothing recorded yet: nothing to read
+    assert offline.stored_keys(["a"]) == {} and offline.claim(["a"]) == {"a"}
+    offline.close()

@@ -268,8 +268,12 @@ class FetchLedger:
         if con is not None:
             with contextlib.suppress(sqlite3.Error):
                 con.close()
-        log.warning("fetch coordination through %s is off (%s): processes sharing this cache may fetch "
-                    "the same objects", self.path, exc)
+        if self.read_only:  # offline: only versions read elsewhere are lost, and only for objects rewritten
+            log.debug("cannot read %s (%s): objects rewritten since their listing may read as not cached",
+                      self.path, exc)
+        else:
+            log.warning("fetch coordination through %s is off (%s): processes sharing this cache may fetch "
+                        "the same objects", self.path, exc)
 
     def _start_heartbeat(self) -> None:
         with self._lock:
