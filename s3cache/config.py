@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from s3cache.source.base import DEFAULT_BYTES_IN_FLIGHT, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_OBJECT_SIZE
 from s3cache.store.directory import CacheDirectory
 
 if TYPE_CHECKING:
@@ -65,6 +66,11 @@ class CacheConfig:
         offline: Never contact S3.
         on_error: ``"raise"`` or ``"skip"`` for undecodable objects.
         concurrency: Most S3 requests in flight per process.
+        max_object_size: Objects listed larger than this many bytes are refused before any request
+            (skipped or raised as ``on_error`` says); ``None`` accepts any size.
+        max_bytes_in_flight: Most listed bytes of objects being fetched and decoded at once, per process.
+        fetch_timeout: Seconds each attempt at an S3 request may take; an object's GET gets this plus
+            one second per MiB of its size.
     """
 
     cache_dir: Path
@@ -73,6 +79,9 @@ class CacheConfig:
     offline: bool = False
     on_error: str = "raise"
     concurrency: int = DEFAULT_CONCURRENCY
+    max_object_size: int | None = DEFAULT_MAX_OBJECT_SIZE
+    max_bytes_in_flight: int = DEFAULT_BYTES_IN_FLIGHT
+    fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
 
     @classmethod
     def create(
@@ -84,6 +93,9 @@ class CacheConfig:
         offline: bool = False,
         on_error: str = "raise",
         concurrency: int = DEFAULT_CONCURRENCY,
+        max_object_size: int | str | None = DEFAULT_MAX_OBJECT_SIZE,
+        max_bytes_in_flight: int | str = DEFAULT_BYTES_IN_FLIGHT,
+        fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
     ) -> CacheConfig:
         """Resolve defaults (``$S3CACHE_DIR``, else ``~/.cache/s3cache``) and check the values.
 
@@ -96,7 +108,14 @@ class CacheConfig:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         limit = None if size_limit is None else parse_size(size_limit)
-        return cls(directory, limit, dict(storage_options or {}), offline, on_error, concurrency)
+        largest = None if max_object_size is None else parse_size(max_object_size)
+        in_flight = parse_size(max_bytes_in_flight)
+        if largest == 0 or in_flight == 0:
+            raise ValueError("max_object_size and max_bytes_in_flight must be positive")
+        if not fetch_timeout > 0:
+            raise ValueError(f"fetch_timeout must be positive, got {fetch_timeout}")
+        return cls(directory, limit, dict(storage_options or {}), offline, on_error, concurrency, largest, in_flight,
+                   float(fetch_timeout))
 
     def open_cache(self, *, must_exist: bool = False) -> CacheDirectory:
         """Open the cache directory's stores (creating them unless ``must_exist``)."""
@@ -112,7 +131,7 @@ class CacheConfig:
             return None
         from s3cache.source.s3 import S3Source
 
-        source = S3Source(self.storage_options, concurrency=self.concurrency)
+        source = S3Source(self.storage_options, concurrency=self.concurrency, fetch_timeout=self.fetch_timeout)
         if not any(item.member is not None for item in items):
             return source
         from s3cache.source.chunks import ChunkedSource, ChunkPlan
@@ -131,4 +150,5 @@ class CacheConfig:
         cache = self.open_cache()
         cache.meta.put_spec(spec.fingerprint, spec.to_dict())
         cache.meta.close()  # the loader needs the arrays only
-        return Loader(spec, cache.arrays, self.open_source(items), on_error=self.on_error)
+        return Loader(spec, cache.arrays, self.open_source(items), on_error=self.on_error,
+                      max_object_size=self.max_object_size, max_bytes_in_flight=self.max_bytes_in_flight)

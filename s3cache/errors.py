@@ -22,10 +22,6 @@ class ObjectNotFoundError(S3CacheError, FileNotFoundError):
     """An object does not exist (or vanished between listing and reading)."""
 
 
-class ObjectChangedError(S3CacheError, FileNotFoundError):
-    """The version of an object that was listed (and indexed) is gone: it was overwritten since."""
-
-
 class EmptyListingError(S3CacheError, FileNotFoundError):
     """A prefix holds no image objects."""
 
@@ -46,6 +42,14 @@ class S3RequestError(S3CacheError, ConnectionError):
     """A request kept failing after every retry."""
 
 
+class FetchTimeoutError(S3RequestError, TimeoutError):
+    """An object's bytes did not arrive within their deadline, in any attempt."""
+
+
+class ObjectChangedError(S3CacheError, FileNotFoundError):
+    """The version of an object that was listed is gone: a tar shard was rewritten since its listing."""
+
+
 class DecodeError(S3CacheError, ValueError):
     """An object's bytes are not an image Pillow can decode."""
 
@@ -56,6 +60,14 @@ class ImageTooLargeError(DecodeError):
 
 class ShardError(S3CacheError, ValueError):
     """A tar shard or a shard set's index is damaged, hostile, or does not match the shards."""
+
+
+class ObjectTooLargeError(DecodeError):
+    """An object is larger than the configured maximum object size, or sent more bytes than it was listed with.
+
+    Like a decode failure it concerns one object: ``on_error="skip"`` skips it. It is never stored
+    as a failure record, since raising the limit must make the object readable again.
+    """
 
 
 class CacheError(S3CacheError, OSError):

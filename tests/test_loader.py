@@ -43,7 +43,7 @@ def test_misses_are_read_once_then_served_from_the_store(store: ArrayStore) -> N
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, SPEC.decode(OBJECTS["b", f"img/{i}.png"]))
     assert set(source.reads.values()) == {1}
-    assert loader.stats | {"s3_bytes": 0} == {"hits": 6, "misses": 6, "skipped": 0, "s3_requests": 7,
+    assert loader.stats | {"s3_bytes": 0} == {"hits": 6, "misses": 6, "shared": 0, "skipped": 0, "s3_requests": 7,
                                               "s3_bytes": 0, "retries": 0}
 
 

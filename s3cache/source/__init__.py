@@ -4,6 +4,22 @@ The loader depends on :class:`Source` only. :class:`~s3cache.source.s3.S3Source`
 s3fs; tests may use any other honest implementation of the protocol.
 """
 
-from s3cache.source.base import Payload, Source, SourceCounters
+from s3cache.source.base import (
+    DEFAULT_BYTES_IN_FLIGHT,
+    DEFAULT_FETCH_TIMEOUT,
+    DEFAULT_MAX_OBJECT_SIZE,
+    DEFAULT_MIN_RATE,
+    Payload,
+    Source,
+    SourceCounters,
+)
 
-__all__ = ["Payload", "Source", "SourceCounters"]
+__all__ = [
+    "DEFAULT_BYTES_IN_FLIGHT",
+    "DEFAULT_FETCH_TIMEOUT",
+    "DEFAULT_MAX_OBJECT_SIZE",
+    "DEFAULT_MIN_RATE",
+    "Payload",
+    "Source",
+    "SourceCounters",
+]

@@ -10,6 +10,16 @@ from typing import Protocol
 
 from s3cache.items import Item
 
+# Limits shared by the loader, the S3 source and CacheConfig (here, so that config imports nothing heavy).
+DEFAULT_MAX_OBJECT_SIZE = 64 * 2**20
+"""Objects listed larger than this are refused before any request (``on_error`` decides what follows)."""
+DEFAULT_BYTES_IN_FLIGHT = 256 * 2**20
+"""Listed bytes of the objects being fetched and decoded at once, per loader."""
+DEFAULT_FETCH_TIMEOUT = 60.0
+"""Seconds each attempt at fetching an object may take, plus its size at :data:`DEFAULT_MIN_RATE`."""
+DEFAULT_MIN_RATE = 2**20
+"""Bytes per second an object's body must arrive at, at least, to meet its deadline."""
+
 
 @dataclass(frozen=True)
 class Payload:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from urllib.parse import unquote
 
 from s3cache.errors import (
@@ -28,10 +29,26 @@ class TruncatedBodyError(ConnectionError):
     """The connection ended before the whole body arrived."""
 
 
+class DeadlineExceeded(TimeoutError):
+    """One attempt at fetching an object took longer than its deadline (a stalled or trickling body)."""
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` without the ``user:password@`` part of any URL in it (for messages and logs)."""
+    return _USERINFO.sub("***@", text)
+
+
 def unwrap(exc: BaseException) -> BaseException:
-    """The botocore error behind an ``OSError`` that s3fs translated it into, else ``exc`` itself."""
+    """The botocore error behind an ``OSError`` that s3fs translated it into, else ``exc`` itself.
+
+    Our own errors (some of which are ``OSError`` too) are never unwrapped.
+    """
     cause = exc.__cause__
-    return cause if isinstance(exc, OSError) and isinstance(cause, Exception) else exc
+    translated = isinstance(exc, OSError) and not isinstance(exc, S3CacheError)
+    return cause if translated and isinstance(cause, Exception) else exc
 
 
 def error_code(exc: BaseException) -> str | None:
@@ -47,19 +64,19 @@ def error_code(exc: BaseException) -> str | None:
 def is_retryable(exc: BaseException) -> bool:
     """Transient faults worth another attempt: throttling, 5xx, dropped or timed-out connections."""
     from aiohttp import ClientError as AiohttpError
-    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
     if isinstance(exc, ClientError):
         return error_code(exc) in _RETRYABLE_CODES
-    transient = (HTTPClientError, BotoConnectionError, AiohttpError, asyncio.TimeoutError, TimeoutError,
-                 ConnectionError)
+    transient = (HTTPClientError, BotoConnectionError, IncompleteReadError, AiohttpError, asyncio.TimeoutError,
+                 TimeoutError, ConnectionError)
     return isinstance(exc, transient) and not isinstance(exc, S3CacheError)
 
 
 def describe(exc: BaseException) -> str:
-    """``Type: message`` of an exception, for messages and logs."""
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    """``Type: message`` of an exception, for messages and logs (URLs without user info)."""
+    return redact(f"{type(exc).__name__}: {exc}") if str(exc) else type(exc).__name__
 
 
 def translate_error(exc: BaseException, url: str, bucket: str, endpoint: str) -> S3CacheError:
@@ -102,7 +119,7 @@ def translate_error(exc: BaseException, url: str, bucket: str, endpoint: str) ->
         return S3RequestError(f"{url}: S3 error {code}: {exc}")
     if isinstance(exc, EndpointConnectionError) or "Cannot connect to host" in str(exc):
         return EndpointUnreachableError(
-            f"cannot reach S3 at {endpoint} (while reading {url}): {unquote(str(exc))}. "
+            f"cannot reach S3 at {redact(endpoint)} (while reading {url}): {redact(unquote(str(exc)))}. "
             "To train from the cache without network, pass offline=True."
         )
     return S3RequestError(f"{url}: {describe(exc)}")
