@@ -1,4 +1,12 @@
-"""Labels and class names: from class folders under a prefix, or given by the caller."""
+"""File order, labels and class names, as ``keras.utils.image_dataset_from_directory`` indexes a directory.
+
+Keras walks a directory in a fixed order, and both the meaning of a ``labels`` list and the files a
+seed puts into the validation subset depend on it. For a prefix, :func:`index_items` reproduces
+that order from the listing: with ``labels="inferred"``, the class folders in ``class_names`` order
+(sorted folder names by default), and inside each class folder the files folder by folder, in
+sorted path order, each folder's files sorted by name (so a folder's own files come before those
+of its subfolders); otherwise the whole prefix, walked the same way. A list of URLs keeps its order.
+"""
 
 from __future__ import annotations
 
@@ -7,46 +15,105 @@ from typing import Any
 
 import numpy as np
 
+from s3cache.errors import EmptyListingError
 from s3cache.items import Item
+from s3cache.listing import ALLOWED_FORMATS
 from s3cache.urls import prefix_of, relative_name
 
 
-def labels_for(
+def index_items(
     items: Sequence[Item], directory: str | Sequence[str], labels: Any, class_names: Sequence[str] | None
-) -> tuple[np.ndarray, list[str]]:
-    """Integer labels per item (``-1`` for items outside any class folder) and the class names.
+) -> tuple[list[Item], np.ndarray | None, list[str] | None]:
+    """The items in Keras's order, their labels and the class names, as ``index_directory`` returns them.
 
     Args:
-        items: The listed items.
+        items: The listed items (a prefix's in key order, a URL list's in its order).
         directory: The prefix URL or URL list they were listed from.
-        labels: ``"inferred"``, ``None`` or one integer per item.
-        class_names: Class names in label order, or ``None``.
+        labels: ``"inferred"``, ``None`` or one integer per item (in the order Keras walks the prefix).
+        class_names: With ``"inferred"``: the classes to use, in label order (a subset of the folders).
+
+    Returns:
+        ``(items, labels, class_names)``: with ``"inferred"``, only the items inside one of the
+        classes' folders; ``labels`` (``int32``) and ``class_names`` are ``None`` without labels,
+        and for given labels the class names are their sorted distinct values, as strings.
 
     Raises:
-        ValueError: Given labels do not match the items, or ``class_names`` the folders.
+        EmptyListingError: No image is left (Keras's "No images found in directory ...").
+        ValueError: Given labels do not match the number of files, or ``class_names`` the folders.
     """
-    if labels is None:
-        return np.zeros(len(items), dtype="int64"), []
-    if not isinstance(labels, str):
-        given = np.asarray(labels, dtype="int64")
-        if len(given) != len(items):
-            raise ValueError(f"labels has {len(given)} entries but {len(items)} image objects were found")
-        names = list(class_names) if class_names else [str(i) for i in range(int(given.max()) + 1)]
-        return given, names
-    folders = [class_folder(item, directory) for item in items]
-    found = sorted({f for f in folders if f})
-    if class_names is not None and set(class_names) != set(found):
-        raise ValueError(f"class_names {list(class_names)} do not match the class folders found: {found}")
-    names = list(class_names) if class_names is not None else found
-    index = {name: i for i, name in enumerate(names)}
-    return np.array([index.get(f, -1) if f else -1 for f in folders], dtype="int64"), names
+    if isinstance(labels, str):
+        ordered, label_array, names = _inferred(items, directory, class_names)
+    else:
+        ordered = walk_order(items, directory)
+        label_array, names = None, None
+        if labels is not None:
+            label_array = np.asarray(labels, dtype="int32").reshape(-1)
+            if len(label_array) != len(ordered):
+                raise ValueError(
+                    "Expected the lengths of `labels` to match the number of files in the target directory. "
+                    f"len(labels) is {len(label_array)} while we found {len(ordered)} files in directory "
+                    f"{_describe(directory)}."
+                )
+            names = [str(label) for label in sorted(set(label_array.tolist()))]
+    if not ordered:
+        raise EmptyListingError(f"No images found in directory {_describe(directory)}. "
+                                f"Allowed formats: {ALLOWED_FORMATS}")
+    return ordered, label_array, names
+
+
+def walk_order(items: Sequence[Item], directory: str | Sequence[str]) -> list[Item]:
+    """The items in the order Keras walks a directory: by folder path, then by file name (a URL list: as given)."""
+    if not isinstance(directory, str):
+        return list(items)
+    prefix = prefix_of(directory)[1]
+    return sorted(items, key=lambda item: _walk_key(relative_path(item, prefix)))
 
 
 def class_folder(item: Item, directory: str | Sequence[str]) -> str | None:
-    """An item's class folder: the first path part under the prefix, or a listed URL's parent folder."""
+    """An item's class folder: the first path part under the prefix, or a listed URL's parent folder.
+
+    ``None`` for an item directly under the prefix, and (under a prefix) for folders whose name
+    starts with ``.``, which Keras does not take as classes.
+    """
     if isinstance(directory, str):
-        folder, sep, _ = relative_name(item.key, prefix_of(directory)[1]).partition("/")
-    else:
-        parent, sep, _ = item.key.rpartition("/")
-        folder = parent.rpartition("/")[2]
+        folder, sep, _ = relative_path(item, prefix_of(directory)[1]).partition("/")
+        return folder if sep and folder and not folder.startswith(".") else None
+    parent, sep, _ = item.name.rpartition("/")
+    folder = parent.rpartition("/")[2]
     return folder if sep and folder else None
+
+
+def relative_path(item: Item, prefix: str) -> str:
+    """An item's path under a folder prefix: a member's name inside its shard, else its key without the prefix."""
+    return item.member if item.member is not None else relative_name(item.key, prefix)
+
+
+def _inferred(
+    items: Sequence[Item], directory: str | Sequence[str], class_names: Sequence[str] | None
+) -> tuple[list[Item], np.ndarray, list[str]]:
+    folders = [class_folder(item, directory) for item in items]
+    found = sorted({folder for folder in folders if folder is not None})
+    if class_names is not None:
+        if not set(class_names).issubset(found):
+            raise ValueError(
+                "The `class_names` passed did not match the names of the subdirectories of the target directory. "
+                f"Expected: {found} (or a subset of it), but received: class_names={list(class_names)}"
+            )
+        found = list(class_names)
+    index = {name: i for i, name in enumerate(found)}
+    kept = [(item, index[folder]) for item, folder in zip(items, folders, strict=True) if folder in index]
+    if isinstance(directory, str):  # class by class in label order, each class folder walked
+        by_class: list[list[Item]] = [[] for _ in found]
+        for item, label in kept:
+            by_class[label].append(item)
+        kept = [(item, label) for label, members in enumerate(by_class) for item in walk_order(members, directory)]
+    return [item for item, _ in kept], np.array([label for _, label in kept], dtype="int32"), found
+
+
+def _walk_key(path: str) -> tuple[str, str]:
+    folder, _, name = path.rpartition("/")
+    return folder, name
+
+
+def _describe(directory: str | Sequence[str]) -> str:
+    return directory if isinstance(directory, str) else f"<list of {len(directory)} URLs>"
