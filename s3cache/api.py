@@ -20,6 +20,7 @@ from s3cache.spec import ImageSpec
 LABEL_MODES = ("int", "categorical", "binary", None)
 SUBSETS = ("training", "validation", "both")
 FORMATS = (None, "tf")
+COLOR_MODES = ("rgb", "rgba", "grayscale")
 
 
 def image_dataset_from_s3(
@@ -117,6 +118,9 @@ def image_dataset_from_s3(
     _check_labels(labels, label_mode, class_names)
     if labels is None or label_mode is None:  # as in Keras: either one means no labels
         labels = label_mode = None
+    if color_mode not in COLOR_MODES:
+        raise ValueError('`color_mode` must be one of {"rgb", "rgba", "grayscale"}. '
+                         f"Received: color_mode={color_mode}")
     image_size = image_size_of(image_size)
     spec = ImageSpec(image_size, color_mode, interpolation, crop_to_aspect_ratio, pad_to_aspect_ratio)
     check_array_size(spec.image_size, spec.color_mode)
