@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from s3cache import __version__
 from s3cache.arguments import check_array_size, image_size_of
-from s3cache.config import CacheConfig
+from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
 from s3cache.errors import S3CacheError
-from s3cache.spec import COLOR_MODES, INTERPOLATIONS
+from s3cache.spec import COLOR_MODES, INTERPOLATIONS, ImageSpec
 from s3cache.urls import prefix_of
 
 if TYPE_CHECKING:
@@ -316,9 +316,12 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _check_url_and_size(args: argparse.Namespace) -> None:
-    """Refuse a URL that is not ``s3://`` and absurd image sizes before anything is opened or written."""
+    """Refuse a URL that is not ``s3://``, a bad spec or an absurd image size before anything is opened or written."""
     prefix_of(args.url)
-    check_array_size(image_size_of(args.image_size), args.color_mode)
+    spec = ImageSpec(image_size_of(args.image_size), **_spec_kwargs(args))
+    check_array_size(spec.image_size, spec.color_mode)
+    CacheConfig.create(args.cache_dir, getattr(args, "cache_size_limit", None),
+                       concurrency=getattr(args, "concurrency", DEFAULT_CONCURRENCY))
 
 
 def _listing(url: str) -> None:
