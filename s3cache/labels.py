@@ -18,7 +18,7 @@ import numpy as np
 from s3cache.errors import EmptyListingError
 from s3cache.items import Item
 from s3cache.listing import ALLOWED_FORMATS
-from s3cache.urls import prefix_of, relative_name
+from s3cache.urls import prefix_of
 
 
 def index_items(
@@ -65,8 +65,8 @@ def walk_order(items: Sequence[Item], directory: str | Sequence[str]) -> list[It
     """The items in the order Keras walks a directory: by folder path, then by file name (a URL list: as given)."""
     if not isinstance(directory, str):
         return list(items)
-    prefix = prefix_of(directory)[1]
-    return sorted(items, key=lambda item: _walk_key(relative_path(item, prefix)))
+    keys = [path.rpartition("/")[::2] for path in _relative_paths(items, prefix_of(directory)[1])]
+    return [items[i] for i in sorted(range(len(items)), key=keys.__getitem__)]
 
 
 def class_folder(item: Item, directory: str | Sequence[str]) -> str | None:
@@ -76,22 +76,32 @@ def class_folder(item: Item, directory: str | Sequence[str]) -> str | None:
     starts with ``.``, which Keras does not take as classes.
     """
     if isinstance(directory, str):
-        folder, sep, _ = relative_path(item, prefix_of(directory)[1]).partition("/")
-        return folder if sep and folder and not folder.startswith(".") else None
+        return _class_of(_relative_paths([item], prefix_of(directory)[1])[0])
     parent, sep, _ = item.name.rpartition("/")
     folder = parent.rpartition("/")[2]
     return folder if sep and folder else None
 
 
-def relative_path(item: Item, prefix: str) -> str:
-    """An item's path under a folder prefix: a member's name inside its shard, else its key without the prefix."""
-    return item.member if item.member is not None else relative_name(item.key, prefix)
+def _relative_paths(items: Sequence[Item], prefix: str) -> list[str]:
+    """Each item's path under a folder prefix: a member's name inside its shard, else its key without the prefix."""
+    cut = len(prefix)
+    return [item.member if item.member is not None
+            else item.key[cut:] if item.key.startswith(prefix) else item.key for item in items]
+
+
+def _class_of(path: str) -> str | None:
+    folder, sep, _ = path.partition("/")
+    return folder if sep and folder and not folder.startswith(".") else None
 
 
 def _inferred(
     items: Sequence[Item], directory: str | Sequence[str], class_names: Sequence[str] | None
 ) -> tuple[list[Item], np.ndarray, list[str]]:
-    folders = [class_folder(item, directory) for item in items]
+    if isinstance(directory, str):
+        paths = _relative_paths(items, prefix_of(directory)[1])
+        folders = [_class_of(path) for path in paths]
+    else:
+        folders = [class_folder(item, directory) for item in items]
     found = sorted({folder for folder in folders if folder is not None})
     if class_names is not None:
         if not set(class_names).issubset(found):
@@ -101,18 +111,12 @@ def _inferred(
             )
         found = list(class_names)
     index = {name: i for i, name in enumerate(found)}
-    kept = [(item, index[folder]) for item, folder in zip(items, folders, strict=True) if folder in index]
+    kept = [i for i, folder in enumerate(folders) if folder in index]
     if isinstance(directory, str):  # class by class in label order, each class folder walked
-        by_class: list[list[Item]] = [[] for _ in found]
-        for item, label in kept:
-            by_class[label].append(item)
-        kept = [(item, label) for label, members in enumerate(by_class) for item in walk_order(members, directory)]
-    return [item for item, _ in kept], np.array([label for _, label in kept], dtype="int32"), found
-
-
-def _walk_key(path: str) -> tuple[str, str]:
-    folder, _, name = path.rpartition("/")
-    return folder, name
+        keys = {i: (index[folders[i]], *paths[i].rpartition("/")[::2]) for i in kept}
+        kept.sort(key=keys.__getitem__)
+    labels = np.fromiter((index[folders[i]] for i in kept), dtype="int32", count=len(kept))
+    return [items[i] for i in kept], labels, found
 
 
 def _describe(directory: str | Sequence[str]) -> str:
