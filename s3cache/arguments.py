@@ -10,6 +10,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+from s3cache.errors import EmptyListingError
 from s3cache.urls import prefix_of, split_url
 
 # One image array at most 256 MiB (8192 x 8192 RGBA): far above any training size, far below what
@@ -53,6 +54,7 @@ def check_directory(directory: Any) -> None:
     """A prefix URL or a list of object URLs, all ``s3://``.
 
     Raises:
+        EmptyListingError: An empty list (a ``ValueError``).
         ValueError: Not a string or a list of strings, or a URL that is not ``s3://bucket/...``.
     """
     if isinstance(directory, str):
@@ -60,6 +62,8 @@ def check_directory(directory: Any) -> None:
         return
     if not isinstance(directory, list | tuple) or not all(isinstance(url, str) for url in directory):
         raise ValueError(f"directory must be an s3:// prefix URL or a list of s3:// object URLs, got {directory!r}")
+    if not directory:
+        raise EmptyListingError("No images found: the list of URLs is empty.")
     for url in directory:
         _, key = split_url(url)
         if not key or key.endswith("/"):

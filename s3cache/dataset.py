@@ -239,7 +239,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         """One epoch of ``steps`` elements (indices wrap around), then :meth:`on_epoch_end`."""
         if self._served:
             self.on_epoch_end()
-        for step in range(steps):
+        for step in range(steps if len(self) else 0):  # an empty shard has nothing to repeat
             index = step % len(self)
             if self.batch_size is not None:
                 yield self[index]

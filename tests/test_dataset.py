@@ -224,6 +224,7 @@ BAD_ARGUMENTS = {
     "url-scheme": {"directory": "http://photos/train/"},
     "url-slash": {"directory": "s3:/photos/train/"},
     "url-list": {"directory": ["s3://photos/train/cat/", "photos/x.jpg"]},
+    "url-list-empty": {"directory": []},
     "labels": {"labels": "folders"},
     "labels-floats": {"labels": [0.5, 1.5]},
     "label-mode": {"label_mode": "sparse"},
