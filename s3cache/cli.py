@@ -6,14 +6,20 @@ Only ``s3cache demo`` imports Keras; every other command starts quickly without 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from s3cache.config import CacheConfig
+from s3cache import __version__
+from s3cache.arguments import check_array_size, image_size_of
+from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
 from s3cache.errors import S3CacheError
-from s3cache.spec import COLOR_MODES, INTERPOLATIONS
+from s3cache.spec import COLOR_MODES, INTERPOLATIONS, ImageSpec
+from s3cache.urls import prefix_of
 
 if TYPE_CHECKING:
     from s3cache.loader import FillProgress
@@ -22,6 +28,8 @@ EXIT_ERROR = 2
 EXIT_PROBLEMS = 1
 EXIT_DECLINED = 1
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away (`| head`)
+FAILED_SHOWN = 5  # failed URLs named by `warm`
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,15 +43,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args))
+        status = int(args.handler(args))
+        sys.stdout.flush()  # a reader that went away shows here, not as a traceback at exit
+        return status
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
+        _quiet_interrupt()
         print("s3cache: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
         if not _is_user_error(exc):
             raise
         # One line, whatever the message holds: scripts and logs read it as a single record.
-        print(f"s3cache: error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        message = _cli_advice(" ".join(str(exc).split()), args.command) or type(exc).__name__
+        print(f"s3cache: error: {message}", file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -55,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  s3cache warm s3://my-bucket/train/ --image-size 224 224\n  s3cache info",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"s3cache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cache, s3, spec = _cache_options(), _s3_options(), _spec_options()
 
@@ -91,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--shard-size", default="256MB", help="target shard size (default: 256MB)")
     pack.add_argument("--concurrency", type=int, default=32, help="most S3 GETs in flight (default: 32)")
 
-    demo = _command(commands, "demo", _demo, [cache, s3], "train a small CNN through the cache on an embedded S3",
+    demo = _command(commands, "demo", _demo, [s3], "train a small CNN through the cache on an embedded S3",
                     "s3cache demo --images 300 --epochs 3")
+    demo.add_argument("--cache-dir", help="cache directory (default: $S3CACHE_DIR, else a temporary one, "
+                                          "deleted afterwards)")
     demo.add_argument("--images", type=int, default=300, help="photos uploaded to the embedded S3 (default: 300)")
     demo.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
     demo.add_argument("--image-size", type=int, nargs=2, default=[96, 96], metavar=("H", "W"),
@@ -108,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _warm(args: argparse.Namespace) -> int:
     from s3cache.ops import warm
 
+    _check_url_and_size(args)
     progress = _WarmProgress()
+    _listing(args.url)
     try:
         try:
             report = warm(args.url, args.image_size, **_spec_kwargs(args), cache_dir=args.cache_dir,
@@ -117,12 +137,17 @@ def _warm(args: argparse.Namespace) -> int:
         finally:
             progress.close()  # before any message, so it does not land on the bar's line
     except KeyboardInterrupt:
+        _quiet_interrupt()
         print(f"s3cache: interrupted: {progress.stored} new arrays stored in this run, {progress.hits} were already "
               "cached; everything stored stays usable. Run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"{report.url}: {report.total} images, {report.hits} already cached, {report.fetched} fetched "
           f"({_size(report.bytes_fetched)}), {report.failed} failed, {report.seconds:.1f} s "
           f"-> {report.cache_dir} (spec {report.fingerprint})")
+    if progress.failed_urls:
+        shown = ", ".join(progress.failed_urls[:FAILED_SHOWN])
+        more = len(progress.failed_urls) - FAILED_SHOWN
+        print(f"failed (not decodable images, remembered as such): {shown}" + (f" and {more} more" if more > 0 else ""))
     return 0
 
 
@@ -136,7 +161,7 @@ def _info(args: argparse.Namespace) -> int:
     limit = info["size_limit_bytes"]
     print(f"directory  {info['directory']}")
     print(f"size       {_size(info['size_bytes'])} of {_size(limit)} limit "
-          f"({info['size_bytes'] / limit if limit else 0:.0%})")
+          f"({_percent(info['size_bytes'] / limit if limit else 0)})")
     print(f"entries    {info['entries']}")
     print("specs:" if info["specs"] else "specs:    none")
     for fingerprint, spec in info["specs"].items():
@@ -144,13 +169,16 @@ def _info(args: argparse.Namespace) -> int:
     print("listings:" if info["listings"] else "listings: none")
     for row in info["listings"]:
         under = f" (spec {row['spec']})" if row["spec"] else ""
-        print(f"  {row['url']}  {row['objects']} objects, {row['cached']} cached ({row['fraction']:.0%}){under}")
+        print(f"  {row['url']}  {row['objects']} objects, {row['cached']} cached ({_percent(row['fraction'])}){under}")
     return 0
 
 
 def _ls(args: argparse.Namespace) -> int:
     from s3cache.ops import list_objects
 
+    _check_url_and_size(args)
+    if not args.offline:
+        _listing(args.url)
     rows = list_objects(args.url, image_size=args.image_size, **_spec_kwargs(args), cache_dir=args.cache_dir,
                         storage_options=_storage_options(args), offline=args.offline)
     for item, cached in rows:
@@ -227,6 +255,9 @@ def _pack(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from s3cache.demo import run_demo
 
+    if args.url is not None:
+        prefix_of(args.url)
+    check_array_size(image_size_of(args.image_size))
     run_demo(images=args.images, epochs=args.epochs, image_size=tuple(args.image_size), batch_size=args.batch_size,
              url=args.url, storage_options=_storage_options(args), cache_dir=args.cache_dir)
     return 0
@@ -240,6 +271,7 @@ class _WarmProgress:
 
     def __init__(self) -> None:
         self.hits = self.stored = self.failed = self.bytes = 0
+        self.failed_urls: list[str] = []
         self._bar: Any = None
 
     def listed(self, total: int) -> None:
@@ -254,6 +286,8 @@ class _WarmProgress:
             self.bytes += event.item.size
             self.failed += event.failed
             self.stored += not event.failed
+            if event.failed:
+                self.failed_urls.append(event.item.url)
         if self._bar is not None:
             self._bar.set_postfix_str(f"hits {self.hits}, fetched {self.stored + self.failed}, "
                                       f"{self.bytes / 1e6:.1f} MB", refresh=False)
@@ -317,6 +351,62 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         options["profile"] = args.profile
     return options
+
+
+def _check_url_and_size(args: argparse.Namespace) -> None:
+    """Refuse a URL that is not ``s3://``, a bad spec or an absurd image size before anything is opened or written."""
+    prefix_of(args.url)
+    spec = ImageSpec(image_size_of(args.image_size), **_spec_kwargs(args))
+    check_array_size(spec.image_size, spec.color_mode)
+    CacheConfig.create(args.cache_dir, getattr(args, "cache_size_limit", None),
+                       concurrency=getattr(args, "concurrency", DEFAULT_CONCURRENCY))
+
+
+def _listing(url: str) -> None:
+    """Say what is going on while a large prefix is listed (before the progress bar can start)."""
+    print(f"listing {url} ...", file=sys.stderr, flush=True)
+
+
+def _percent(fraction: float) -> str:
+    """A percentage that reads 100% only when complete and 0% only when nothing is there."""
+    if fraction <= 0:
+        return "0%"
+    if fraction < 0.01:
+        return "<1%"
+    return f"{min(99, round(fraction * 100))}%" if fraction < 1 else f"{round(fraction * 100)}%"
+
+
+# Library advice (Python arguments) as the command's flags say it; (text, command or None for any, replacement).
+_ADVICE = [
+    ("pass storage_options={'anon': True}", None, "pass --anon"),
+    ("To train from the cache without network, pass offline=True.", "ls", "To list without network, pass --offline."),
+    ("To train from the cache without network, pass offline=True.", None, ""),
+    ("Run once with offline=False (or `s3cache warm`)", None, "Run `s3cache warm` first"),
+    ("offline=True", "ls", "--offline"),
+    ("storage_options", None, "--endpoint-url/--anon/--profile"),
+]
+
+
+def _cli_advice(message: str, command: str) -> str:
+    """A library message with its advice translated to this command's flags."""
+    for text, only, replacement in _ADVICE:
+        if only in (None, command):
+            message = message.replace(text, replacement)
+    return " ".join(message.split())
+
+
+def _quiet_interrupt() -> None:
+    """Ctrl-C can land before a coroutine was handed to the event loop: its "never awaited" warning is noise."""
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+
+def _discard_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so that the flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
 
 
 def _confirm(question: str) -> bool:

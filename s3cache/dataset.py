@@ -11,12 +11,29 @@ import keras
 import numpy as np
 
 from s3cache.config import CacheConfig
+from s3cache.errors import DecodeError
 from s3cache.items import Item
 from s3cache.loader import Loader
 from s3cache.order import full_shuffle, shard_window_shuffle
 from s3cache.spec import ImageSpec
 
 DTYPES = ("float32", "uint8")
+DATA_FORMATS = ("channels_last", "channels_first")
+
+
+def data_format_of(data_format: str | None) -> str:
+    """``data_format`` as Keras resolves it: ``None`` means ``keras.config.image_data_format()``.
+
+    Raises:
+        ValueError: Neither ``"channels_last"`` nor ``"channels_first"`` (Keras's wording).
+    """
+    if data_format is None:
+        return str(keras.config.image_data_format())
+    value = str(data_format).lower()
+    if value not in DATA_FORMATS:
+        raise ValueError("The `data_format` argument must be one of {'channels_first', 'channels_last'}. "
+                         f"Received: data_format={data_format}")
+    return value
 
 
 class S3ImageDataset(keras.utils.PyDataset):
@@ -25,20 +42,28 @@ class S3ImageDataset(keras.utils.PyDataset):
     Build it with :func:`s3cache.image_dataset_from_s3`. Each process (Keras worker processes
     included) opens its own store and S3 client on first use, since neither survives a fork.
 
+    Every direct pass (``for batch in ds``) is an epoch: it ends with :meth:`on_epoch_end`, so the
+    next pass is reshuffled, and a pass started over an epoch that was already partly served (a
+    loop left early, ``ds[0]`` looked at) begins a new one. ``model.fit`` and friends do not
+    iterate the dataset this way; they index it and call :meth:`on_epoch_end` themselves.
+
     Args:
-        items: The items to serve, in their canonical (unshuffled) order.
+        items: The items to serve, in the order of the first epoch (Keras's order, shuffled with
+            the seed when ``image_dataset_from_s3`` shuffles); later epochs are reshuffled.
         labels: One label per item (class indices), or ``None``.
-        class_names: Names of the classes, indexed by label.
+        class_names: Names of the classes, indexed by label, or ``None``.
         spec: How images are decoded and resized.
         config: Where the cache is and how to reach S3.
         label_mode: ``"int"``, ``"categorical"``, ``"binary"`` or ``None``.
-        batch_size: Images per batch.
-        shuffle: Reshuffle the order every epoch.
+        batch_size: Images per batch; ``None`` serves single images (``ds[i]`` is image ``i``).
+        shuffle: Reshuffle the order every epoch after the first.
         seed: Seed of the shuffles.
         dtype: ``"float32"`` or ``"uint8"`` images.
+        data_format: ``"channels_last"`` (``(height, width, channels)``) or ``"channels_first"``;
+            ``None`` means ``keras.config.image_data_format()``.
         readahead: Batches whose misses are fetched ahead of the one being served; ``None``
             picks enough to keep the S3 connections busy (none with ``use_multiprocessing``).
-        steps_per_epoch: Batches per epoch of :meth:`to_tf_dataset` (default ``len(self)``): the
+        steps_per_epoch: Elements per epoch of :meth:`to_tf_dataset` (default ``len(self)``): the
             largest shard's count, so that every worker of a sharded run takes as many steps.
         cold_shards: Serve the first epoch shard window by shard window (see :mod:`s3cache.order`): for
             a packed dataset whose arrays are not cached yet.
@@ -54,10 +79,11 @@ class S3ImageDataset(keras.utils.PyDataset):
         config: CacheConfig,
         *,
         label_mode: str | None = "int",
-        batch_size: int = 32,
+        batch_size: int | None = 32,
         shuffle: bool = True,
         seed: int | None = None,
         dtype: str = "float32",
+        data_format: str | None = "channels_last",
         readahead: int | None = None,
         steps_per_epoch: int | None = None,
         cold_shards: bool = False,
@@ -66,8 +92,8 @@ class S3ImageDataset(keras.utils.PyDataset):
         super().__init__(**kwargs)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be positive or None, got {batch_size}")
         self.items = list(items)
         self.labels = labels
         self.class_names = list(class_names) if class_names is not None else None
@@ -78,42 +104,50 @@ class S3ImageDataset(keras.utils.PyDataset):
         self.shuffle = shuffle
         self.seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**32)
         self.dtype = dtype
+        self.data_format = data_format_of(data_format)
+        self._step = batch_size or 1  # images per index
         if readahead is None:
-            readahead = 0 if self.use_multiprocessing else max(2, math.ceil(2 * config.concurrency / batch_size))
+            readahead = 0 if self.use_multiprocessing else max(2, math.ceil(2 * config.concurrency / self._step))
         self.readahead = readahead
         self.steps_per_epoch = steps_per_epoch or len(self)
         self.cold_shards = cold_shards
         self.epoch = 0
         self._order = self._epoch_order(0)
         self._last_index: int | None = None
+        self._served = False  # whether this epoch has served anything yet
         self._loader: Loader | None = None
         self._loader_pid = -1
 
     # -- keras.utils.PyDataset --------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return math.ceil(len(self.items) / self.batch_size)
+        return math.ceil(len(self.items) / self._step)
 
-    def __getitem__(self, index: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"batch index {index} out of range for {len(self)} batches")
-        loader = self.loader
-        arrays = loader.load(self._batch_items(index))
-        loader.prefetch(self._readahead_items(index))
-        kept = [i for i, array in enumerate(arrays) if array is not None]
-        images = np.empty((len(kept), *self.spec.shape), dtype=self.dtype)
-        for slot, i in enumerate(kept):
-            images[slot] = arrays[i]
-        if self.labels is None or self.label_mode is None:
-            return images
-        positions = self._order[index * self.batch_size: (index + 1) * self.batch_size][kept]
-        return images, self._encode_labels(self.labels[positions])
+    def __getitem__(self, index: int) -> Any:
+        """Batch ``index`` of this epoch: ``images`` or ``(images, labels)``; one image when unbatched.
+
+        Raises:
+            DecodeError: Unbatched, with ``on_error="skip"``, and image ``index`` was skipped (a
+                pass over the dataset leaves skipped images out instead).
+        """
+        images, labels = self._load(index)
+        if self.batch_size is None:
+            if not len(images):
+                raise DecodeError(f"{self._batch_items(index)[0].url} was skipped (on_error='skip'); iterate "
+                                  "the dataset, or use to_tf_dataset(), to leave skipped images out")
+            return images[0] if labels is None else (images[0], labels[0])
+        return images if labels is None else (images, labels)
+
+    def __iter__(self) -> Iterator[Any]:
+        """One epoch: every batch (or image) in this epoch's order; the next pass is reshuffled."""
+        return self._one_pass(len(self))
 
     def on_epoch_end(self) -> None:
         """Reshuffle for the next epoch and write back cache recency."""
         self.epoch += 1
         self._order = self._epoch_order(self.epoch)
         self._last_index = None
+        self._served = False
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.drop_prefetched()
             self._loader.store.recency.flush_soon()
@@ -122,8 +156,17 @@ class S3ImageDataset(keras.utils.PyDataset):
 
     @property
     def file_paths(self) -> list[str]:
-        """The items' URLs (``s3://bucket/key`` or ``s3://bucket/shard.tar#member``), first-epoch order."""
-        return [self.items[i].url for i in self._epoch_order(0)]
+        """The images' URLs (``s3://bucket/key`` or ``s3://bucket/shard.tar#member``), as Keras's ``file_paths``.
+
+        In Keras's order (shuffled with the seed when shuffling), which is the order of the first epoch.
+        """
+        return [item.url for item in self.items]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of one image: ``(height, width, channels)``, or ``(channels, height, width)`` channels-first."""
+        height, width, channels = self.spec.shape
+        return (channels, height, width) if self.data_format == "channels_first" else (height, width, channels)
 
     @property
     def num_classes(self) -> int:
@@ -152,34 +195,38 @@ class S3ImageDataset(keras.utils.PyDataset):
         self._loader = None
 
     def to_tf_dataset(self) -> Any:
-        """This dataset as a ``tf.data.Dataset`` of batches with known shapes, reading through the cache.
+        """This dataset as a ``tf.data.Dataset`` with known shapes, reading through the cache.
 
-        Each iteration is one epoch of :attr:`steps_per_epoch` batches, reshuffled like the
-        ``PyDataset``; a shard with fewer batches than that repeats its first ones (from the
-        cache). Auto-sharding is off: under ``tf.distribute`` every worker keeps its own shard
-        (give ``shard=`` to :func:`~s3cache.image_dataset_from_s3`).
+        Like the dataset ``keras.utils.image_dataset_from_directory`` returns, it has
+        ``class_names`` and ``file_paths``. Each iteration is one epoch of :attr:`steps_per_epoch`
+        elements (batches, or images when unbatched), reshuffled like the ``PyDataset``; a shard
+        with fewer than that repeats its first ones (from the cache). Auto-sharding is off: under
+        ``tf.distribute`` every worker keeps its own shard (give ``shard=`` to
+        :func:`~s3cache.image_dataset_from_s3`).
         """
         import tensorflow as tf
 
-        images = tf.TensorSpec((None, *self.spec.shape), tf.as_dtype(self.dtype))
+        batch: tuple[int | None, ...] = () if self.batch_size is None else (None,)
+        images = tf.TensorSpec((*batch, *self.image_shape), tf.as_dtype(self.dtype))
         if self.label_mode is None:
             signature: Any = images
         elif self.label_mode == "int":
-            signature = (images, tf.TensorSpec((None,), tf.int32))
+            signature = (images, tf.TensorSpec(batch, tf.int32))
         else:
             width = self.num_classes if self.label_mode == "categorical" else 1
-            signature = (images, tf.TensorSpec((None, width), tf.float32))
+            signature = (images, tf.TensorSpec((*batch, width), tf.float32))
 
-        def one_epoch() -> Iterator[Any]:
-            for step in range(self.steps_per_epoch):
-                yield self[step % len(self)]
-            self.on_epoch_end()
-
-        dataset = tf.data.Dataset.from_generator(one_epoch, output_signature=signature)
+        dataset = tf.data.Dataset.from_generator(lambda: self._one_pass(self.steps_per_epoch),
+                                                 output_signature=signature)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        dataset = dataset.with_options(options).apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch))
-        return dataset.prefetch(2)
+        dataset = dataset.with_options(options)
+        if self.batch_size is not None or self.config.on_error == "raise":  # skipped images change the count
+            dataset = dataset.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch))
+        dataset = dataset.prefetch(2)
+        dataset.class_names = self.class_names
+        dataset.file_paths = self.file_paths
+        return dataset
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -189,11 +236,44 @@ class S3ImageDataset(keras.utils.PyDataset):
     # -- internals ----------------------------------------------------------------------------------
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
+        if not self.shuffle or epoch == 0:  # the first epoch serves the items as given (Keras's order)
             return np.arange(len(self.items))
         if epoch == 0 and self.cold_shards:
             return shard_window_shuffle(self.items, self.seed, epoch)
         return full_shuffle(len(self.items), self.seed, epoch)
+
+    def _one_pass(self, steps: int) -> Iterator[Any]:
+        """One epoch of ``steps`` elements (indices wrap around), then :meth:`on_epoch_end`."""
+        if self._served:
+            self.on_epoch_end()
+        for step in range(steps if len(self) else 0):  # an empty shard has nothing to repeat
+            index = step % len(self)
+            if self.batch_size is not None:
+                yield self[index]
+                continue
+            images, labels = self._load(index)
+            for slot in range(len(images)):  # none when the image was skipped
+                yield images[slot] if labels is None else (images[slot], labels[slot])
+        self.on_epoch_end()
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The images (in :attr:`data_format`) and encoded labels (or ``None``) of index ``index``, skips left out."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch index {index} out of range for {len(self)} batches")
+        self._served = True
+        loader = self.loader
+        arrays = loader.load(self._batch_items(index))
+        loader.prefetch(self._readahead_items(index))
+        kept = [i for i, array in enumerate(arrays) if array is not None]
+        images = np.empty((len(kept), *self.spec.shape), dtype=self.dtype)
+        for slot, i in enumerate(kept):
+            images[slot] = arrays[i]
+        if self.data_format == "channels_first":
+            images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        if self.labels is None or self.label_mode is None:
+            return images, None
+        positions = self._order[index * self._step: (index + 1) * self._step][kept]
+        return images, self._encode_labels(self.labels[positions])
 
     def _readahead_items(self, index: int) -> list[Item]:
         """The items to read ahead after serving ``index``.
@@ -208,7 +288,7 @@ class S3ImageDataset(keras.utils.PyDataset):
                 for item in self._batch_items(ahead)]
 
     def _batch_items(self, index: int) -> list[Item]:
-        positions = self._order[index * self.batch_size: (index + 1) * self.batch_size]
+        positions = self._order[index * self._step: (index + 1) * self._step]
         return [self.items[i] for i in positions]
 
     def _encode_labels(self, labels: np.ndarray) -> np.ndarray:

@@ -22,8 +22,8 @@ class ObjectNotFoundError(S3CacheError, FileNotFoundError):
     """An object does not exist (or vanished between listing and reading)."""
 
 
-class EmptyListingError(S3CacheError, FileNotFoundError):
-    """A prefix holds no image objects."""
+class EmptyListingError(S3CacheError, FileNotFoundError, ValueError):
+    """A prefix holds no image objects (a ``ValueError`` too, as Keras raises for an empty directory)."""
 
 
 class AccessDeniedError(S3CacheError, PermissionError):

@@ -20,6 +20,9 @@ from s3cache.urls import is_image_key
 
 log = logging.getLogger(__name__)
 
+# As Keras words them in "No images found in directory ..." (the extensions of IMAGE_EXTENSIONS, any case).
+ALLOWED_FORMATS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+
 
 def listing_name(directory: str | Sequence[str]) -> str:
     """The name a listing is stored under: the prefix URL, or a digest of a URL list."""
@@ -61,10 +64,10 @@ def list_online(directory: str | Sequence[str], source: Source, meta: MetaStore 
             return packed_items(directory, objects, source, meta)
         items = [item for item in objects if is_image_key(item.key)]
         if not items:
-            raise EmptyListingError(f"no image objects (.jpg .jpeg .png .bmp .gif) under {directory}")
+            raise EmptyListingError(f"No images found in directory {directory}. Allowed formats: {ALLOWED_FORMATS}")
         return items
     if not directory:
-        raise EmptyListingError("the list of object URLs is empty")
+        raise EmptyListingError(f"No images found: the list of URLs is empty. Allowed formats: {ALLOWED_FORMATS}")
     return source.resolve_urls(list(directory))
 
 

@@ -52,6 +52,7 @@ def test_warm_then_info_json_counts(s3: LocalS3, bucket: str, cache_dir: Path) -
                      env=aws_env(s3))
     assert warmed.returncode == 0, warmed.stderr
     assert "24 images, 0 already cached, 24 fetched" in warmed.stdout
+    assert warmed.stderr.startswith(f"listing {URL} ...\n")  # said before a long listing, not after
     assert "24/24" in warmed.stderr  # the progress bar
     assert len(object_gets(s3)) == 24
 
@@ -160,7 +161,8 @@ def test_errors_are_one_line_with_exit_status_2(s3: LocalS3, cache_dir: Path) ->
     result = run_cli("warm", "s3://missing-bucket/train/", "--image-size", 32, 32, "--cache-dir", cache_dir,
                      env=aws_env(s3))
     assert result.returncode == 2 and result.stdout == ""
-    [line] = result.stderr.strip().splitlines()
+    *_, line = result.stderr.strip().splitlines()
+    assert result.stderr.count("s3cache: error:") == 1
     assert line.startswith("s3cache: error:") and "missing-bucket" in line
 
 
@@ -233,11 +235,127 @@ def test_ctrl_c_during_warm_keeps_what_was_stored(s3: LocalS3, bucket: str, cach
     assert (again.hits, again.fetched) == (entries, 24 - entries)
 
 
-def test_demo_runs_to_completion() -> None:
-    result = run_cli("demo", "--images", 24, "--epochs", 1, "--image-size", 32, 32, env=aws_env(None), timeout=240)
+def test_demo_reports_loading_apart_from_training(tmp_path: Path) -> None:
+    env = aws_env(None) | {"S3CACHE_DIR": str(tmp_path / "demo-cache")}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user runs it: the demo quiets TensorFlow itself
+    result = run_cli("demo", "--images", 24, "--epochs", 2, "--image-size", 32, 32, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    [epoch] = [line for line in lines if line.startswith("epoch 1/1:")]
-    assert "S3 requests 24 (endpoint received 24)" in epoch
+    [cold] = [line for line in lines if line.startswith("epoch 1/2:")]
+    assert "loaded 24 images in" in cold and "0 cache hits + 24 misses, S3 requests 24 (endpoint received 24)" in cold
+    [warm] = [line for line in lines if line.startswith("epoch 2/2:")]
+    assert "24 cache hits + 0 misses, S3 requests 0 (endpoint received 0)" in warm and "trained in" in warm
     [offline] = [line for line in lines if line.startswith("offline:")]
-    assert "S3 requests 0," in offline
+    assert "24 cache hits + 0 misses, S3 requests 0;" in offline and "evaluated in" in offline
+    # No TensorFlow start-up chatter (absl, CUDA) anywhere.
+    for noise in ("absl", "cuInit", "cudart", "CUDA", "oneDNN", "WARNING"):
+        assert noise not in result.stdout + result.stderr
+    assert f"cache in {tmp_path / 'demo-cache'}" in result.stdout
+    assert ops.cache_info(tmp_path / "demo-cache")["entries"] == 24  # $S3CACHE_DIR was used, and kept
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from s3cache import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"s3cache {__version__}\n"
+
+
+@pytest.mark.parametrize("url", ["s3:/photos/train/", "http://photos/train/", "photos/train/", "s3:///train/"])
+@pytest.mark.parametrize("command", ["warm", "ls"])
+def test_non_s3_urls_are_refused_before_anything(
+    s3: LocalS3, cache_dir: Path, capsys: pytest.CaptureFixture[str], command: str, url: str
+) -> None:
+    assert main([command, url, "--image-size", "32", "32", "--cache-dir", str(cache_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"s3cache: error: not an S3 URL: {url!r} (expected s3://bucket/key)\n"
+    assert not cache_dir.exists() and s3.requests() == 0
+
+
+@pytest.mark.parametrize("command", ["warm", "ls", "demo"])
+def test_absurd_image_sizes_are_refused_before_anything(
+    s3: LocalS3, bucket: str, cache_dir: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    argv = [command, *([URL] if command != "demo" else []), "--image-size", "100000", "100000"]
+    assert main([*argv, "--cache-dir", str(cache_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("s3cache: error: image_size 100000x100000") and "MiB per image" in err
+    assert not cache_dir.exists() and s3.requests() == 0
+
+
+def test_a_reader_that_goes_away_ends_quietly(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
+    read, write = os.pipe()
+    command = [sys.executable, "-m", "s3cache", "ls", URL, "--image-size", "32", "32", "--cache-dir", str(cache_dir)]
+    proc = subprocess.Popen(command, env=aws_env(s3), stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    os.close(read)  # like `| head` having exited: every write to stdout fails with EPIPE
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141
+    assert err == f"listing {URL} ...\n"  # no "Broken pipe", no "Exception ignored", no traceback
+
+
+def test_ctrl_c_while_listing_is_quiet(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
+    s3.configure(latency_ms=3000)
+    for command in ("ls", "warm"):
+        argv = [sys.executable, "-m", "s3cache", command, URL, "--image-size", "32", "32", "--cache-dir",
+                str(cache_dir)]
+        proc = subprocess.Popen(argv, env=aws_env(s3), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            assert proc.stderr.readline() == f"listing {URL} ...\n"
+            proc.send_signal(signal.SIGINT)  # while S3 is being set up or the listing is under way
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130, err
+        assert err.startswith("s3cache: interrupted") and err.count("\n") == 1, err
+
+
+def test_advice_names_flags_not_python_arguments(cache_dir: Path) -> None:
+    dead = aws_env(None) | {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    listed = run_cli("ls", URL, "--image-size", 32, 32, "--cache-dir", cache_dir, env=dead)
+    assert listed.returncode == 2 and "pass --offline" in listed.stderr and "offline=True" not in listed.stderr
+    warmed = run_cli("warm", URL, "--image-size", 32, 32, "--cache-dir", cache_dir, env=dead)
+    assert warmed.returncode == 2 and "cannot reach S3" in warmed.stderr and "offline" not in warmed.stderr
+    offline = run_cli("ls", URL, "--image-size", 32, 32, "--cache-dir", cache_dir, "--offline", env=dead)
+    assert "Run `s3cache warm` first" in offline.stderr and "offline=False" not in offline.stderr
+    no_credentials = {k: v for k, v in dead.items() if not k.startswith("AWS_ACCESS") and "SECRET" not in k}
+    anonymous = run_cli("ls", URL, "--image-size", 32, 32, "--cache-dir", cache_dir, env=no_credentials)
+    assert "pass --anon for a public bucket" in anonymous.stderr and "storage_options" not in anonymous.stderr
+
+
+def test_warm_names_the_images_that_failed(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
+    client = s3.boto3_client()
+    for index in range(7):
+        client.put_object(Bucket=bucket, Key=f"train/cat/broken-{index}.jpg", Body=b"not an image")
+    result = run_cli("warm", URL, "--image-size", 32, 32, "--cache-dir", cache_dir, env=aws_env(s3))
+    assert result.returncode == 0, result.stderr
+    assert "31 images, 0 already cached, 31 fetched" in result.stdout and "7 failed" in result.stdout
+    [failed] = [line for line in result.stdout.splitlines() if line.startswith("failed")]
+    assert failed.count("s3://photos/train/cat/broken-") == 5 and failed.endswith(" and 2 more")
+
+
+def test_percentages_reach_100_only_when_complete(
+    s3: LocalS3, bucket: str, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from s3cache.cli import _percent
+
+    assert [_percent(f) for f in (0, 0.001, 0.5, 0.994, 1998 / 2000, 1, 1.5)] == \
+        ["0%", "<1%", "50%", "99%", "99%", "100%", "150%"]
+    warm(s3, cache_dir)
+    upload_photos(s3.boto3_client(), bucket, "train/", [("cat/late.jpg", make_photos(1, seed=99)[0][1])])
+    import s3cache
+
+    s3cache.image_dataset_from_s3(URL, image_size=(32, 32), cache_dir=cache_dir, storage_options=s3.storage_options,
+                                  verbose=False)  # stores the listing of 25, fetches nothing
+    assert main(["info", "--cache-dir", str(cache_dir)]) == 0
+    assert f"{URL}  25 objects, 24 cached (96%)" in capsys.readouterr().out
+
+
+def test_advice_translation() -> None:
+    from s3cache.cli import _cli_advice
+
+    message = "cannot reach S3 at x: refused. To train from the cache without network, pass offline=True."
+    assert _cli_advice(message, "ls").endswith("refused. To list without network, pass --offline.")
+    assert _cli_advice(message, "warm").endswith("refused.")

@@ -218,3 +218,128 @@ def test_keras_fit_evaluate_predict(s3: LocalS3, bucket: str, cache_dir: Path) -
     unlabeled = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, labels=None))
     assert model.predict(unlabeled, verbose=0).shape == (24, len(ds.class_names))
     assert len(object_gets(s3)) == 24
+
+
+BAD_ARGUMENTS = {
+    "url-scheme": {"directory": "http://photos/train/"},
+    "url-slash": {"directory": "s3:/photos/train/"},
+    "url-list": {"directory": ["s3://photos/train/cat/", "photos/x.jpg"]},
+    "url-list-empty": {"directory": []},
+    "labels": {"labels": "folders"},
+    "labels-floats": {"labels": [0.5, 1.5]},
+    "label-mode": {"label_mode": "sparse"},
+    "class-names-without-labels": {"labels": None, "class_names": ["cat"]},
+    "color-mode": {"color_mode": "cmyk"},
+    "image-size": {"image_size": (32, 32, 3)},
+    "image-size-huge": {"image_size": (100_000, 100_000)},
+    "interpolation": {"interpolation": "sharpest"},
+    "crop-and-pad": {"crop_to_aspect_ratio": True, "pad_to_aspect_ratio": True},
+    "batch-size": {"batch_size": 0},
+    "dtype": {"dtype": "float16"},
+    "data-format": {"data_format": "channels_middle"},
+    "format": {"format": "grain"},
+    "split": {"validation_split": 0.2, "subset": "training", "shuffle": True},
+    "seed": {"seed": -1},
+    "on-error": {"on_error": "ignore"},
+    "cache-size-limit": {"cache_size_limit": "lots"},
+    "concurrency": {"concurrency": 0},
+    "workers": {"workers": 0},
+    "shard": {"shard": (3, 2)},
+    "storage-options": {"storage_options": "anon"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_bad_arguments_are_refused_before_any_request(s3: LocalS3, bucket: str, cache_dir: Path, case: str) -> None:
+    kwargs = dataset_options(s3, cache_dir) | {"directory": URL} | BAD_ARGUMENTS[case]
+    with pytest.raises(ValueError):
+        s3cache.image_dataset_from_s3(**kwargs)
+    assert s3.requests() == 0 and not cache_dir.exists()
+
+
+def test_keras_argument_forms_are_accepted(s3: LocalS3, bucket: str, cache_dir: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    options = dataset_options(s3, cache_dir) | {"verbose": True}
+    square = s3cache.image_dataset_from_s3(URL, **options | {"image_size": 20, "follow_links": True})
+    assert square[0][0].shape == (8, 20, 20, 3)
+    subset = s3cache.image_dataset_from_s3(URL, **options | {"class_names": ["rocket", "astronaut"]})
+    assert subset.class_names == ["rocket", "astronaut"] and len(subset.file_paths) == 8
+    assert all("/rocket/" in path for path in subset.file_paths[:4]) and all(subset.labels == [0] * 4 + [1] * 4)
+    unlabeled = s3cache.image_dataset_from_s3(URL, **options | {"label_mode": None})
+    assert unlabeled.class_names is None and isinstance(unlabeled[0], np.ndarray)
+    first = s3cache.image_dataset_from_s3(URL, **options | {"data_format": "channels_first"})[0][0]
+    assert first.shape == (8, 3, 32, 32) and first.flags.c_contiguous
+    np.testing.assert_array_equal(first, square_free(s3, cache_dir).transpose(0, 3, 1, 2))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:4] == ["Found 24 files belonging to 6 classes.", "Found 8 files belonging to 2 classes.",
+                           "Found 24 files.", "Found 24 files belonging to 6 classes."]
+
+
+def square_free(s3: LocalS3, cache_dir: Path) -> np.ndarray:
+    return s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir))[0][0]
+
+
+def test_unbatched_yields_single_images(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
+    s3.boto3_client().put_object(Bucket="photos", Key="train/cat/broken.jpg", Body=b"not an image")
+    ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, batch_size=None, on_error="skip",
+                                                              label_mode="categorical"))
+    assert len(ds) == 25
+    broken = ds.file_paths.index("s3://photos/train/cat/broken.jpg")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        elements = list(ds)
+    assert len(elements) == 24 and ds.epoch == 1
+    image, label = elements[0]
+    assert image.shape == (32, 32, 3) and label.shape == (6,) and label.sum() == 1
+    with pytest.raises(DecodeError, match="broken.jpg.*skipped"), pytest.warns(UserWarning):
+        ds[broken]
+    tfds = ds.to_tf_dataset()
+    assert tuple(tfds.element_spec[0].shape) == (32, 32, 3) and tfds.class_names == ds.class_names
+    with pytest.warns(UserWarning):
+        assert len(list(tfds)) == 24
+    assert tfds.file_paths == ds.file_paths
+
+
+def test_a_direct_pass_is_an_epoch(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
+    ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, shuffle=True, seed=4, batch_size=5))
+
+    def one_pass() -> list[int]:
+        return [int(label) for _, labels in ds for label in labels]
+
+    first, second = one_pass(), one_pass()
+    assert ds.epoch == 2 and first != second and sorted(first) == sorted(second)
+    assert first == list(ds.labels)  # the first epoch is in file_paths order, as Keras lists them
+    for _ in ds:  # a pass left early ...
+        break
+    third = one_pass()  # ... and the next one is a new epoch all the same
+    assert ds.epoch == 4 and third not in (first, second)
+    ds[0]  # looked at: the next pass starts a new epoch, and ends it
+    assert one_pass() != third and ds.epoch == 6
+
+
+def test_fit_counts_its_own_epochs(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
+    import keras
+
+    ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, shuffle=True, seed=2))
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(len(ds.class_names))])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # Keras reads batches 0 and 1 to learn the shapes, calls on_epoch_end once before the first epoch
+    # (EpochIterator.reset) and once after each: the direct-pass bookkeeping adds no call of its own.
+    model.fit(ds, epochs=2, verbose=0)
+    assert ds.epoch == 3
+    list(ds)
+    assert ds.epoch == 4
+    model.fit(ds, epochs=1, verbose=0)
+    assert ds.epoch == 6
+    assert ds.stats["misses"] == 24 and len(object_gets(s3)) == 24
+
+
+def test_to_tf_dataset_has_class_names_and_file_paths(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
+    train, val = s3cache.image_dataset_from_s3(URL, **dataset_options(
+        s3, cache_dir, shuffle=True, seed=9, validation_split=0.25, subset="both", format="tf"))
+    assert train.class_names == val.class_names and len(train.class_names) == 6
+    assert len(train.file_paths) == 18 and len(val.file_paths) == 6
+    assert not set(train.file_paths) & set(val.file_paths)
+    labels = np.concatenate([y.numpy() for _, y in val])
+    folders = [path.removeprefix(URL).split("/")[0] for path in val.file_paths]
+    assert [val.class_names[label] for label in labels] == folders  # validation keeps file_paths order

@@ -10,7 +10,7 @@ from memory_source import MemorySource
 
 from s3cache.errors import EmptyListingError, NotCachedError
 from s3cache.items import Item
-from s3cache.labels import class_folder, labels_for
+from s3cache.labels import class_folder, index_items
 from s3cache.listing import listing_name, resolve_items
 from s3cache.sharding import resolve_shard, shard_slice
 from s3cache.store import MetaStore
@@ -56,7 +56,7 @@ def test_url_lists_keep_their_order_under_a_digest_name(meta: MetaStore) -> None
 
 
 def test_empty_listings(meta: MetaStore) -> None:
-    with pytest.raises(EmptyListingError, match="no image objects"):
+    with pytest.raises(EmptyListingError, match="No images found"):
         resolve_items("s3://b/nothing/", meta, MemorySource(OBJECTS))
     with pytest.raises(EmptyListingError, match="empty"):
         resolve_items([], meta, MemorySource(OBJECTS))
@@ -64,20 +64,28 @@ def test_empty_listings(meta: MetaStore) -> None:
 
 def test_inferred_labels_come_from_class_folders() -> None:
     items = MemorySource(OBJECTS).list_prefix("s3://b/train/")
-    labels, names = labels_for(items, "s3://b/train/", "inferred", None)
+    ordered, labels, names = index_items(items, "s3://b/train/", "inferred", None)
     assert names == ["cat", "dog"]
-    assert dict(zip([i.key for i in items], labels.tolist(), strict=True))["train/root.jpg"] == -1
+    assert "train/root.jpg" not in [i.key for i in ordered]  # outside every class folder, as Keras leaves it out
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert class_folder(Item("b", "x/y/z.jpg", "e", 1), ["s3://b/x/y/z.jpg"]) == "y"
     assert class_folder(Item("b", "z.jpg", "e", 1), ["s3://b/z.jpg"]) is None
+
+
+def test_labels_stored_with_tar_members() -> None:
+    members = [Item("b", "p/s.tar", "e", 1, member=f"{i:03d}.jpg", offset=512 * i, label=i % 3) for i in range(6)]
+    ordered, labels, names = index_items(members, "s3://b/p/", "inferred", None)
+    assert [i.member for i in ordered] == [f"{i:03d}.jpg" for i in range(6)]
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2] and names == ["0", "1", "2"]
 
 
 def test_given_labels_as_list_or_array() -> None:
     items = [Item("b", f"{i}.jpg", "e", 1) for i in range(3)]
     for given in ([0, 1, 1], np.array([0, 1, 1])):
-        labels, names = labels_for(items, "s3://b/", given, None)
+        _, labels, names = index_items(items, "s3://b/", given, None)
         assert labels.tolist() == [0, 1, 1] and names == ["0", "1"]
     with pytest.raises(ValueError, match="labels"):
-        labels_for(items, "s3://b/", [0, 1], None)
+        index_items(items, "s3://b/", [0, 1], None)
 
 
 def test_shards() -> None:
