@@ -1,0 +1,351 @@
+"""The arithmetic of Keras's image loader (TensorFlow's decoders and resize kernels), with Pillow and NumPy.
+
+- Resizing: every method is separable, each output row (then column) a weighted sum of a few input rows
+  (columns). :func:`axis_taps` builds those weights once per ``(input size, output size, method)`` from the
+  float32 formulas of TensorFlow's kernels (half-pixel centers; ``area`` without them, as ``resize_area``),
+  and :func:`resize` applies them. Outputs are float32, as TensorFlow's, except ``nearest``, which gathers.
+- Geometry: :func:`crop_box` and :func:`pad_layout` place the image as ``crop_to_aspect_ratio`` and
+  ``pad_to_aspect_ratio`` do.
+- Color: TensorFlow decodes JPEGs with libjpeg's fast integer DCT and converts color PNGs to grayscale
+  with libpng's weights. Pillow decodes with the accurate DCT (a mean difference of about 1 on 0-255), so
+  :func:`jpeg_ycbcr_to_rgb` rebuilds TensorFlow's RGB from the planes libjpeg decodes in fast mode,
+  and :func:`luma` weighs colors as libpng does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+F32 = np.float32
+
+# The interpolations Keras's image loaders accept, in the order Keras lists them.
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5", "gaussian", "mitchellcubic")
+
+# Weights below this are zero in TensorFlow's kernels (1000 * the smallest normal float32).
+_TINY_WEIGHT_SUM = 1000 * float(np.finfo(np.float32).tiny)
+# resize_bicubic looks its weights up in a table of this many steps per pixel.
+_BICUBIC_TABLE_SIZE = 1024
+
+
+def _keys_cubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel with a = -0.5."""
+    return np.where(x >= 2, 0, np.where(x >= 1, ((-0.5 * x + 2.5) * x - 4) * x + 2, ((1.5 * x - 2.5) * x) * x + 1))
+
+
+def _mitchell_cubic(x: np.ndarray) -> np.ndarray:
+    """Mitchell-Netravali cubic kernel with B = C = 1/3."""
+    near = ((7 / 6 * x - 2) * x) * x + 8 / 9
+    far = ((-7 / 18 * x + 2) * x - 10 / 3) * x + 16 / 9
+    return np.where(x >= 2, 0, np.where(x >= 1, far, near))
+
+
+def _lanczos(radius: int) -> Callable[[np.ndarray], np.ndarray]:
+    def kernel(x: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = radius * np.sin(np.pi * x) * np.sin(np.pi * x / radius) / (np.pi**2 * x * x)
+        return np.where(x > radius, 0, np.where(x <= 1e-3, 1, value))
+
+    return kernel
+
+
+def _gaussian(x: np.ndarray) -> np.ndarray:
+    """Gaussian of sigma 0.5 cut at radius 1.5 (three sigmas)."""
+    return np.where(x >= 1.5, 0, np.exp(-x * x / (2 * 0.5**2)))
+
+
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(0, 1 - x)
+
+
+# Kernel and radius of each method that TensorFlow resizes with scale_and_translate. bilinear and bicubic
+# take this path only when antialiasing; without it they have dedicated kernels (below).
+_SCALE_AND_TRANSLATE: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
+    "bilinear": (_triangle, 1.0),
+    "bicubic": (_keys_cubic, 2.0),
+    "lanczos3": (_lanczos(3), 3.0),
+    "lanczos5": (_lanczos(5), 5.0),
+    "gaussian": (_gaussian, 1.5),
+    "mitchellcubic": (_mitchell_cubic, 2.0),
+}
+
+
+@dataclass(frozen=True)
+class Taps:
+    """How one axis is resampled: output ``i`` is ``sum(weights[i, k] * input[indices[i, k]])``.
+
+    Attributes:
+        indices: ``(output size, taps)`` input positions, all within the input.
+        weights: ``(output size, taps)`` float32 weights; unused taps have weight 0.
+    """
+
+    indices: np.ndarray
+    weights: np.ndarray
+
+    @functools.cached_property
+    def is_identity(self) -> bool:
+        """Whether this axis maps every output to the input at the same position, unchanged."""
+        size = len(self.indices)
+        picks = np.argmax(self.weights, axis=1)
+        chosen = self.indices[np.arange(size), picks]
+        return bool(
+            np.array_equal(chosen, np.arange(size))
+            and (self.weights[np.arange(size), picks] == 1).all()
+            and np.count_nonzero(self.weights) == size
+        )
+
+
+def _half_pixel_source(in_size: int, out_size: int, shift: float) -> np.ndarray:
+    """``(x + 0.5) * in / out - shift`` in float32 for each output ``x``, as TensorFlow's scalers compute it."""
+    scale = F32(in_size) / F32(out_size)
+    return (np.arange(out_size, dtype=F32) + F32(0.5)) * scale - F32(shift)
+
+
+def _nearest_taps(in_size: int, out_size: int) -> Taps:
+    source = np.floor(_half_pixel_source(in_size, out_size, 0.0)).astype(np.int64)
+    indices = np.clip(source, 0, in_size - 1)[:, None]
+    return Taps(indices, np.ones_like(indices, dtype=F32))
+
+
+def _bilinear_taps(in_size: int, out_size: int) -> Taps:
+    source = _half_pixel_source(in_size, out_size, 0.5)
+    floor = np.floor(source)
+    lerp = (source - floor).astype(F32)
+    lower = np.maximum(floor.astype(np.int64), 0)
+    upper = np.minimum(np.ceil(source).astype(np.int64), in_size - 1)
+    return Taps(np.stack([lower, upper], axis=1), np.stack([1 - lerp, lerp], axis=1))
+
+
+def _bicubic_taps(in_size: int, out_size: int) -> Taps:
+    """resize_bicubic with half-pixel centers: Keys' kernel sampled from a table, outside taps dropped."""
+    source = _half_pixel_source(in_size, out_size, 0.5)
+    base = np.floor(source).astype(np.int64)
+    delta = np.rint((source - np.floor(source)) * _BICUBIC_TABLE_SIZE) / _BICUBIC_TABLE_SIZE
+    offsets = np.arange(-1, 3)
+    indices = base[:, None] + offsets
+    weights = _keys_cubic(np.abs(delta[:, None] - offsets)).astype(F32)
+    return _normalized(indices, weights, in_size)
+
+
+def _area_taps(in_size: int, out_size: int) -> Taps:
+    """resize_area: each output averages the input span it covers, partial pixels by their overlap."""
+    scale = F32(in_size) / F32(out_size)
+    starts = np.arange(out_size, dtype=F32) * scale
+    ends = np.arange(1, out_size + 1, dtype=F32) * scale
+    first = np.floor(starts).astype(np.int64)
+    count = int((np.ceil(ends).astype(np.int64) - first).max())
+    pixels = first[:, None] + np.arange(count)
+    overlap = np.minimum(pixels + 1, ends[:, None]) - np.maximum(pixels, starts[:, None])
+    weights = (np.maximum(overlap, 0) / scale).astype(F32)
+    return Taps(np.minimum(pixels, in_size - 1), weights)
+
+
+def _scale_and_translate_taps(in_size: int, out_size: int, method: str, antialias: bool) -> Taps:
+    """scale_and_translate: the kernel centered on each sample, widened by the shrink factor if antialiasing."""
+    kernel, radius = _SCALE_AND_TRANSLATE[method]
+    inv_scale = F32(1) / (F32(out_size) / F32(in_size))
+    kernel_scale = max(float(inv_scale), 1.0) if antialias else 1.0
+    reach = F32(radius * kernel_scale)
+    sample = (np.arange(out_size, dtype=F32) + F32(0.5)) * inv_scale
+    starts = np.clip(np.ceil(sample - reach - F32(0.5)).astype(np.int64), 0, in_size - 1)
+    ends = np.clip(np.floor(sample + reach - F32(0.5)).astype(np.int64), 0, in_size - 1) + 1
+    span = min(2 * math.ceil(radius * kernel_scale) + 1, in_size)
+    indices = starts[:, None] + np.arange(span)
+    distance = np.abs((indices.astype(F32) + F32(0.5) - sample[:, None]) / F32(kernel_scale))
+    weights = np.where(indices < ends[:, None], kernel(distance), 0).astype(F32)
+    return _normalized(indices, weights, in_size)
+
+
+def _normalized(indices: np.ndarray, weights: np.ndarray, in_size: int) -> Taps:
+    """Drop taps outside the input and rescale the rest to sum to 1, as TensorFlow does at the borders."""
+    inside = (indices >= 0) & (indices < in_size)
+    weights = np.where(inside, weights, F32(0))
+    totals = weights.sum(axis=1, keepdims=True, dtype=F32)
+    usable = np.abs(totals) >= _TINY_WEIGHT_SUM
+    weights = np.where(usable, weights / np.where(usable, totals, F32(1)), F32(0)).astype(F32)
+    return Taps(np.clip(indices, 0, in_size - 1), weights)
+
+
+@functools.lru_cache(maxsize=4096)
+def axis_taps(in_size: int, out_size: int, method: str, antialias: bool = False) -> Taps:
+    """The taps that resample one axis of ``in_size`` pixels to ``out_size`` pixels.
+
+    Args:
+        in_size: Input length in pixels.
+        out_size: Output length in pixels.
+        method: One of :data:`INTERPOLATIONS`.
+        antialias: Widen the kernel when shrinking, as ``tf.image.resize(..., antialias=True)`` does;
+            ``nearest`` and ``area`` ignore it there, and here.
+
+    Returns:
+        The axis's :class:`Taps` (cached: treat them as read-only).
+    """
+    if method == "nearest":
+        return _nearest_taps(in_size, out_size)
+    if method == "area":
+        return _area_taps(in_size, out_size)
+    if antialias or method not in ("bilinear", "bicubic"):
+        return _scale_and_translate_taps(in_size, out_size, method, antialias)
+    return _bilinear_taps(in_size, out_size) if method == "bilinear" else _bicubic_taps(in_size, out_size)
+
+
+def _resample_rows(pixels: np.ndarray, taps: Taps) -> np.ndarray:
+    """Resample axis 0 of a float32 ``(rows, ...)`` array."""
+    extra = (1,) * (pixels.ndim - 1)
+    out = taps.weights[:, 0].reshape(-1, *extra) * pixels[taps.indices[:, 0]]
+    for k in range(1, taps.indices.shape[1]):
+        out += taps.weights[:, k].reshape(-1, *extra) * pixels[taps.indices[:, k]]
+    return out
+
+
+def resize(pixels: np.ndarray, size: tuple[int, int], method: str, antialias: bool = False) -> np.ndarray:
+    """Resize an image as ``tf.image.resize(pixels, size, method, antialias=antialias)`` does.
+
+    Unlike ``tf.image.resize`` with static shapes, an image already of the target size is still filtered
+    (``gaussian`` and ``mitchellcubic`` blur it), as Keras's loaders do with their dynamic shapes.
+
+    Args:
+        pixels: ``(height, width, channels)`` array.
+        size: Target ``(height, width)``.
+        method: One of :data:`INTERPOLATIONS`.
+        antialias: See :func:`axis_taps`.
+
+    Returns:
+        The resized ``(height, width, channels)`` array: float32, or the input dtype for ``nearest``.
+    """
+    rows = axis_taps(pixels.shape[0], size[0], method, antialias)
+    cols = axis_taps(pixels.shape[1], size[1], method, antialias)
+    if method == "nearest":
+        return pixels[rows.indices[:, 0]][:, cols.indices[:, 0]]
+    out = pixels.astype(F32)
+    # Shrink the axis that loses the most first, so the second pass works on the smaller array.
+    rows_first = size[0] * pixels.shape[1] <= pixels.shape[0] * size[1]
+    for axis in (0, 1) if rows_first else (1, 0):
+        taps = rows if axis == 0 else cols
+        if not taps.is_identity:
+            out = np.moveaxis(_resample_rows(np.moveaxis(out, axis, 0), taps), 0, axis)
+    return out
+
+
+def crop_box(height: int, width: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The centered crop Keras's ``smart_resize`` takes before resizing: ``(top, left, height, width)``.
+
+    Computed in float32 and truncated, as Keras does in its data pipelines.
+    """
+    target_h, target_w = size
+    crop_h = max(min(height, int(F32(width * target_h) / F32(target_w))), 1)
+    crop_w = max(min(width, int(F32(height * target_w) / F32(target_h))), 1)
+    return int(F32(height - crop_h) / F32(2)), int(F32(width - crop_w) / F32(2)), crop_h, crop_w
+
+
+def pad_layout(height: int, width: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where ``tf.image.resize_with_pad`` puts the resized image: ``(top, left, height, width)``.
+
+    The image is resized to fit the target with its aspect ratio kept (sizes floored in float32), then
+    centered on a black canvas. An image too thin to keep a whole pixel keeps one, where TensorFlow fails.
+    """
+    f_h, f_w, f_th, f_tw = F32(height), F32(width), F32(size[0]), F32(size[1])
+    ratio = max(f_w / f_tw, f_h / f_th)
+    resized_h, resized_w = f_h / ratio, f_w / ratio
+    top = max(0, int(np.floor((f_th - resized_h) / F32(2))))
+    left = max(0, int(np.floor((f_tw - resized_w) / F32(2))))
+    return top, left, max(1, int(np.floor(resized_h))), max(1, int(np.floor(resized_w)))
+
+
+# -- color -----------------------------------------------------------------------------------------------------
+
+# libpng's rgb_to_gray weights for (0.299, 0.587), in 1/32768 and truncated, as TensorFlow's PNG decoder asks.
+_LUMA_WEIGHTS = (9797, 19234, 3737)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """The ``(height, width)`` gray ``uint8`` image libpng makes of an ``(height, width, 3)`` RGB one."""
+    red, green, blue = (rgb[..., i].astype(np.uint32) * weight for i, weight in enumerate(_LUMA_WEIGHTS))
+    return ((red + green + blue) >> 15).astype(np.uint8)
+
+
+def _fixed(value: float) -> int:
+    return int(value * (1 << 16) + 0.5)
+
+
+# libjpeg's YCbCr -> RGB lookup tables (jdcolor.c), 16-bit fixed point with rounding; chroma is centered on 128.
+_CHROMA = np.arange(256, dtype=np.int64) - 128
+_HALF = 1 << 15
+_CR_TO_R = ((_fixed(1.40200) * _CHROMA + _HALF) >> 16).astype(np.int16)
+_CB_TO_B = ((_fixed(1.77200) * _CHROMA + _HALF) >> 16).astype(np.int16)
+# Indexed by cb * 256 + cr: the green offset needs both chroma values.
+_CB_CR_TO_G = (
+    (-_fixed(0.34414) * _CHROMA[:, None] + _HALF - _fixed(0.71414) * _CHROMA[None, :]) >> 16
+).astype(np.int16).ravel()
+
+
+def _interleave_rows(even: np.ndarray, odd: np.ndarray) -> np.ndarray:
+    out = np.empty((2 * even.shape[0], *even.shape[1:]), even.dtype)
+    out[0::2], out[1::2] = even, odd
+    return out
+
+
+def _neighbors(plane: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """The plane shifted by one along ``axis`` each way, edges repeated: (previous, next)."""
+    first, last = np.take(plane, [0], axis=axis), np.take(plane, [-1], axis=axis)
+    inner_prev = np.take(plane, np.arange(plane.shape[axis] - 1), axis=axis)
+    inner_next = np.take(plane, np.arange(1, plane.shape[axis]), axis=axis)
+    return np.concatenate([first, inner_prev], axis=axis), np.concatenate([inner_next, last], axis=axis)
+
+
+def _widen(sums: np.ndarray, biases: tuple[int, int], shift: int) -> np.ndarray:
+    """Double the columns with weights 3/4 (nearer) and 1/4 (farther), libjpeg's rounding biases."""
+    left, right = _neighbors(sums, axis=1)
+    out = np.empty((sums.shape[0], 2 * sums.shape[1]), sums.dtype)
+    out[:, 0::2] = (3 * sums + left + biases[0]) >> shift
+    out[:, 1::2] = (3 * sums + right + biases[1]) >> shift
+    return out
+
+
+def _fancy_upsample(samples: np.ndarray, factors: tuple[int, int]) -> np.ndarray | None:
+    """The "fancy" (triangle) upsampling libjpeg gives one chroma plane, or None where libjpeg replicates.
+
+    Args:
+        samples: ``(rows, columns)`` int16 chroma samples, as stored.
+        factors: ``(horizontal, vertical)`` upsampling factors.
+    """
+    height_fancy = factors == (1, 2)
+    width_fancy = factors[0] == 2 and factors[1] in (1, 2) and samples.shape[1] > 2
+    if not (height_fancy or width_fancy):
+        return None
+    if factors == (2, 1):
+        return _widen(samples, (1, 2), 2)
+    above, below = _neighbors(samples, axis=0)
+    if height_fancy:
+        return _interleave_rows((3 * samples + above + 1) >> 2, (3 * samples + below + 2) >> 2)
+    return _widen(_interleave_rows(3 * samples + above, 3 * samples + below), (8, 7), 4)
+
+
+def jpeg_ycbcr_to_rgb(ycbcr: np.ndarray, sampling: list[tuple[int, int]]) -> np.ndarray:
+    """The RGB image libjpeg outputs, from the YCbCr planes it decodes without upsampling chroma smoothly.
+
+    Args:
+        ycbcr: ``(height, width, 3)`` ``uint8`` planes as libjpeg gives them with fancy upsampling off:
+            each chroma sample repeated over the pixels it covers.
+        sampling: ``(horizontal, vertical)`` sampling factors of the Y, Cb and Cr components.
+
+    Returns:
+        The ``(height, width, 3)`` ``uint8`` RGB image, as libjpeg decodes it with fancy upsampling on.
+    """
+    height, width = ycbcr.shape[:2]
+    max_h, max_v = sampling[0]
+    planes = []
+    for channel, (h, v) in zip((1, 2), sampling[1:], strict=True):
+        factors = (max_h // h, max_v // v)
+        samples = ycbcr[:: factors[1], :: factors[0], channel].astype(np.int16)
+        smooth = _fancy_upsample(samples, factors)
+        planes.append(ycbcr[..., channel] if smooth is None else smooth[:height, :width].astype(np.uint8))
+    luma_plane = ycbcr[..., 0].astype(np.int16)
+    cb, cr = planes
+    green = luma_plane + _CB_CR_TO_G[cb.astype(np.intp) * 256 + cr]
+    rgb = np.stack([luma_plane + _CR_TO_R[cr], green, luma_plane + _CB_TO_B[cb]], axis=-1)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
