@@ -193,12 +193,12 @@ def axis_taps(in_size: int, out_size: int, method: str, antialias: bool = False)
     return _bilinear_taps(in_size, out_size) if method == "bilinear" else _bicubic_taps(in_size, out_size)
 
 
-def _resample_rows(pixels: np.ndarray, taps: Taps) -> np.ndarray:
-    """Resample axis 0 of a float32 ``(rows, ...)`` array."""
-    extra = (1,) * (pixels.ndim - 1)
-    out = taps.weights[:, 0].reshape(-1, *extra) * pixels[taps.indices[:, 0]]
+def _resample_axis(pixels: np.ndarray, taps: Taps, axis: int) -> np.ndarray:
+    """Resample axis 0 or 1 of a ``(height, width, channels)`` array into float32, one tap at a time."""
+    shape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
+    out = taps.weights[:, 0].reshape(shape) * np.take(pixels, taps.indices[:, 0], axis=axis)
     for k in range(1, taps.indices.shape[1]):
-        out += taps.weights[:, k].reshape(-1, *extra) * pixels[taps.indices[:, k]]
+        out += taps.weights[:, k].reshape(shape) * np.take(pixels, taps.indices[:, k], axis=axis)
     return out
 
 
@@ -220,15 +220,11 @@ def resize(pixels: np.ndarray, size: tuple[int, int], method: str, antialias: bo
     rows = axis_taps(pixels.shape[0], size[0], method, antialias)
     cols = axis_taps(pixels.shape[1], size[1], method, antialias)
     if method == "nearest":
-        return pixels[rows.indices[:, 0]][:, cols.indices[:, 0]]
-    out = pixels.astype(F32)
-    # Shrink the axis that loses the most first, so the second pass works on the smaller array.
-    rows_first = size[0] * pixels.shape[1] <= pixels.shape[0] * size[1]
-    for axis in (0, 1) if rows_first else (1, 0):
-        taps = rows if axis == 0 else cols
-        if not taps.is_identity:
-            out = np.moveaxis(_resample_rows(np.moveaxis(out, axis, 0), taps), 0, axis)
-    return out
+        return pixels[np.ix_(rows.indices[:, 0], cols.indices[:, 0])]
+    # Rows first: gathering whole rows is fast, and the column pass then gathers within the output's rows only.
+    out = pixels if rows.is_identity else _resample_axis(pixels, rows, 0)
+    out = out if cols.is_identity else _resample_axis(out, cols, 1)
+    return out.astype(F32, copy=False)
 
 
 def crop_box(height: int, width: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -269,18 +265,14 @@ def luma(rgb: np.ndarray) -> np.ndarray:
 
 
 def _fixed(value: float) -> int:
+    """A coefficient in 16-bit fixed point, as libjpeg's FIX() rounds it."""
     return int(value * (1 << 16) + 0.5)
 
 
-# libjpeg's YCbCr -> RGB lookup tables (jdcolor.c), 16-bit fixed point with rounding; chroma is centered on 128.
-_CHROMA = np.arange(256, dtype=np.int64) - 128
+# libjpeg's YCbCr -> RGB coefficients (jdcolor.c); each offset is rounded (+1/2) and floored (>> 16).
+_CR_TO_R, _CB_TO_B = _fixed(1.40200), _fixed(1.77200)
+_CB_TO_G, _CR_TO_G = -_fixed(0.34414), -_fixed(0.71414)
 _HALF = 1 << 15
-_CR_TO_R = ((_fixed(1.40200) * _CHROMA + _HALF) >> 16).astype(np.int16)
-_CB_TO_B = ((_fixed(1.77200) * _CHROMA + _HALF) >> 16).astype(np.int16)
-# Indexed by cb * 256 + cr: the green offset needs both chroma values.
-_CB_CR_TO_G = (
-    (-_fixed(0.34414) * _CHROMA[:, None] + _HALF - _fixed(0.71414) * _CHROMA[None, :]) >> 16
-).astype(np.int16).ravel()
 
 
 def _interleave_rows(even: np.ndarray, odd: np.ndarray) -> np.ndarray:
@@ -338,14 +330,16 @@ def jpeg_ycbcr_to_rgb(ycbcr: np.ndarray, sampling: list[tuple[int, int]]) -> np.
     """
     height, width = ycbcr.shape[:2]
     max_h, max_v = sampling[0]
-    planes = []
+    chroma = []
     for channel, (h, v) in zip((1, 2), sampling[1:], strict=True):
         factors = (max_h // h, max_v // v)
         samples = ycbcr[:: factors[1], :: factors[0], channel].astype(np.int16)
         smooth = _fancy_upsample(samples, factors)
-        planes.append(ycbcr[..., channel] if smooth is None else smooth[:height, :width].astype(np.uint8))
-    luma_plane = ycbcr[..., 0].astype(np.int16)
-    cb, cr = planes
-    green = luma_plane + _CB_CR_TO_G[cb.astype(np.intp) * 256 + cr]
-    rgb = np.stack([luma_plane + _CR_TO_R[cr], green, luma_plane + _CB_TO_B[cb]], axis=-1)
-    return np.clip(rgb, 0, 255).astype(np.uint8)
+        chroma.append((ycbcr[..., channel] if smooth is None else smooth[:height, :width]).astype(np.int32) - 128)
+    cb, cr = chroma
+    luma_plane = ycbcr[..., 0].astype(np.int32)
+    rgb = np.empty((height, width, 3), np.uint8)
+    rgb[..., 0] = np.clip(luma_plane + ((_CR_TO_R * cr + _HALF) >> 16), 0, 255)
+    rgb[..., 1] = np.clip(luma_plane + ((_CB_TO_G * cb + _CR_TO_G * cr + _HALF) >> 16), 0, 255)
+    rgb[..., 2] = np.clip(luma_plane + ((_CB_TO_B * cb + _HALF) >> 16), 0, 255)
+    return rgb
