@@ -220,7 +220,7 @@ def resize(pixels: np.ndarray, size: tuple[int, int], method: str, antialias: bo
     rows = axis_taps(pixels.shape[0], size[0], method, antialias)
     cols = axis_taps(pixels.shape[1], size[1], method, antialias)
     if method == "nearest":
-        return pixels[np.ix_(rows.indices[:, 0], cols.indices[:, 0])]
+        return np.take(np.take(pixels, rows.indices[:, 0], axis=0), cols.indices[:, 0], axis=1)
     # Rows first: gathering whole rows is fast, and the column pass then gathers within the output's rows only.
     out = pixels if rows.is_identity else _resample_axis(pixels, rows, 0)
     out = out if cols.is_identity else _resample_axis(out, cols, 1)
