@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from s3cache.errors import DecodeError, ImageTooLargeError
-from s3cache.tfimage import INTERPOLATIONS, crop_box, jpeg_ycbcr_to_rgb, luma, pad_layout, resize
+from s3cache.tfimage import INTERPOLATIONS, JpegPixels, PixelSource, crop_box, luma, pad_layout, pixels_in, resize
 
 __all__ = ["COLOR_MODES", "DECODER_VERSION", "INTERPOLATIONS", "ImageSpec"]
 
@@ -167,8 +167,8 @@ class ImageSpec:
                 f"{url}: cannot decode image ({len(data)} bytes): {type(exc).__name__}: {detail}; {_FIX}"
             ) from exc
 
-    def _read(self, data: bytes, url: str) -> np.ndarray:
-        """Decode the bytes into a ``uint8`` array of the spec's channels, at the image's own size."""
+    def _read(self, data: bytes, url: str) -> np.ndarray | PixelSource:
+        """Decode the bytes into ``uint8`` pixels of the spec's channels, at the image's own size."""
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             # Image.open reads only the header: check the size before any pixel is allocated.
             width, height = image.size
@@ -179,9 +179,9 @@ class ImageSpec:
                 )
             sampling = self._configure_jpeg(image) if image.format == "JPEG" else None
             image.load()
-            pixels = jpeg_ycbcr_to_rgb(np.asarray(image), sampling) if sampling else self._convert(image)
-        if self.color_mode == "rgba" and pixels.shape[-1] == 3:
-            pixels = np.concatenate([pixels, np.full_like(pixels[..., :1], 255)], axis=-1)
+            if sampling:
+                return JpegPixels(np.asarray(image), sampling, alpha=self.color_mode == "rgba")
+            pixels = self._convert(image)
         return pixels.reshape(*pixels.shape[:2], self.channels)
 
     def _configure_jpeg(self, image: Image.Image) -> list[tuple[int, int]] | None:
@@ -189,7 +189,7 @@ class ImageSpec:
 
         Returns:
             The components' sampling factors when the decoder was asked for raw YCbCr planes, which
-            :func:`~s3cache.tfimage.jpeg_ycbcr_to_rgb` turns into TensorFlow's RGB; None otherwise.
+            :class:`~s3cache.tfimage.JpegPixels` turns into TensorFlow's RGB; None otherwise.
         """
         if self.jpeg_draft:
             height, width = self.image_size
@@ -204,7 +204,7 @@ class ImageSpec:
         elif image.mode != "L":
             return None  # CMYK: Pillow's own decode
         # (DCT scale 1, draft flag): the flag selects libjpeg's fast integer DCT, which TensorFlow uses. It
-        # also turns smooth chroma upsampling off, which jpeg_ycbcr_to_rgb redoes.
+        # also turns smooth chroma upsampling off, which JpegPixels redoes.
         image.decoderconfig = (1, 1)
         return sampling if image.mode == "YCbCr" else None
 
@@ -220,25 +220,29 @@ class ImageSpec:
             return luma(np.asarray(image.convert("RGB")))
         return np.asarray(image if image.mode == target else image.convert(target))
 
-    def _fit(self, pixels: np.ndarray) -> np.ndarray:
+    def _fit(self, source: np.ndarray | PixelSource) -> np.ndarray:
         """Crop or pad to the target aspect ratio (if asked) and resize, with Keras's geometry."""
-        height, width = pixels.shape[:2]
+        height, width = source.shape[:2]
         if self.crop_to_aspect_ratio:
-            top, left, crop_h, crop_w = crop_box(height, width, self.image_size)
-            return self._resize(pixels[top : top + crop_h, left : left + crop_w], self.image_size)
+            return self._resize(source, self.image_size, crop_box(height, width, self.image_size))
         if self.pad_to_aspect_ratio:
             top, left, fit_h, fit_w = pad_layout(height, width, self.image_size)
             canvas = np.zeros(self.shape, np.uint8)
-            canvas[top : top + fit_h, left : left + fit_w] = self._resize(pixels, (fit_h, fit_w))
+            canvas[top : top + fit_h, left : left + fit_w] = self._resize(source, (fit_h, fit_w))
             return canvas
-        return self._resize(pixels, self.image_size)
+        return self._resize(source, self.image_size)
 
-    def _resize(self, pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """Resize a ``uint8`` image to ``size``, rounding the result back to ``uint8``."""
+    def _resize(
+        self,
+        source: np.ndarray | PixelSource,
+        size: tuple[int, int],
+        window: tuple[int, int, int, int] | None = None,
+    ) -> np.ndarray:
+        """Resize the source (or its ``(top, left, height, width)`` window) to ``size``, as ``uint8``."""
         pillow_filter = _PILLOW_ANTIALIAS_FILTERS.get(self.interpolation) if self.antialias else None
         if pillow_filter is not None:
-            return _pillow_resize(pixels, size, pillow_filter)
-        resized = resize(pixels, size, self.interpolation, antialias=self.antialias)
+            return _pillow_resize(pixels_in(source, window), size, pillow_filter)
+        resized = resize(source, size, self.interpolation, antialias=self.antialias, window=window)
         if resized.dtype != np.uint8:
             resized = np.rint(resized, out=resized).clip(0, 255).astype(np.uint8)
         return np.ascontiguousarray(resized)
@@ -254,7 +258,7 @@ def _pillow_resize(pixels: np.ndarray, size: tuple[int, int], resample: Image.Re
 
 
 def _ycbcr_sampling(image: Image.Image) -> list[tuple[int, int]] | None:
-    """The sampling factors of a YCbCr-coded JPEG whose chroma libjpeg upsamples by whole factors, else None.
+    """The sampling factors of a YCbCr-coded 4:4:4, 4:2:2 or 4:2:0 JPEG, else None.
 
     The color space follows libjpeg's rule: JFIF means YCbCr; else an Adobe marker's transform says; else
     the component IDs 'R', 'G', 'B' mean RGB.
@@ -268,6 +272,6 @@ def _ycbcr_sampling(image: Image.Image) -> list[tuple[int, int]] | None:
         if "adobe" not in image.info and [layer[0] for layer in layers] == [82, 71, 66]:
             return None
     sampling = [(int(layer[1]), int(layer[2])) for layer in layers]
-    (max_h, max_v), chroma = sampling[0], sampling[1:]
-    whole = all(h <= max_h and v <= max_v and max_h % h == 0 and max_v % v == 0 for h, v in chroma)
-    return sampling if whole else None
+    (luma_h, luma_v), chroma = sampling[0], sampling[1:]
+    ratios = [(luma_h / h, luma_v / v) for h, v in chroma]
+    return sampling if all(ratio in {(1, 1), (2, 1), (2, 2)} for ratio in ratios) else None

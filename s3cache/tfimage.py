@@ -4,12 +4,14 @@
   (columns). :func:`axis_taps` builds those weights once per ``(input size, output size, method)`` from the
   float32 formulas of TensorFlow's kernels (half-pixel centers; ``area`` without them, as ``resize_area``),
   and :func:`resize` applies them. Outputs are float32, as TensorFlow's, except ``nearest``, which gathers.
+  Without antialiasing a kernel reads few source pixels (bilinear: 256 rows and columns for a 128x128
+  output, whatever the source size), so :func:`resize` asks its source for those pixels only.
 - Geometry: :func:`crop_box` and :func:`pad_layout` place the image as ``crop_to_aspect_ratio`` and
   ``pad_to_aspect_ratio`` do.
 - Color: TensorFlow decodes JPEGs with libjpeg's fast integer DCT and converts color PNGs to grayscale
   with libpng's weights. Pillow decodes with the accurate DCT (a mean difference of about 1 on 0-255), so
-  :func:`jpeg_ycbcr_to_rgb` rebuilds TensorFlow's RGB from the planes libjpeg decodes in fast mode,
-  and :func:`luma` weighs colors as libpng does.
+  :class:`JpegPixels` rebuilds TensorFlow's RGB from the planes libjpeg decodes in fast mode (at the
+  pixels a resize reads), and :func:`luma` weighs colors as libpng does.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -97,6 +100,16 @@ class Taps:
             and (self.weights[np.arange(size), picks] == 1).all()
             and np.count_nonzero(self.weights) == size
         )
+
+    @functools.cached_property
+    def sources(self) -> np.ndarray:
+        """The input positions these taps read, ascending."""
+        return np.unique(self.indices)
+
+    @functools.cached_property
+    def local_indices(self) -> np.ndarray:
+        """:attr:`indices` as positions within :attr:`sources`."""
+        return np.searchsorted(self.sources, self.indices)
 
 
 def _half_pixel_source(in_size: int, out_size: int, shift: float) -> np.ndarray:
@@ -193,37 +206,80 @@ def axis_taps(in_size: int, out_size: int, method: str, antialias: bool = False)
     return _bilinear_taps(in_size, out_size) if method == "bilinear" else _bicubic_taps(in_size, out_size)
 
 
-def _resample_axis(pixels: np.ndarray, taps: Taps, axis: int) -> np.ndarray:
+class PixelSource(Protocol):
+    """Pixels computed on demand, for sources whose every pixel is costly (see :class:`JpegPixels`)."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(height, width, channels)``."""
+        ...
+
+    def take(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The ``uint8`` pixels at the crossings of ascending ``rows`` and ``cols``: ``(rows, cols, channels)``."""
+        ...
+
+
+def _span(positions: np.ndarray) -> slice | np.ndarray:
+    """A slice for a run of consecutive positions (a view, not a copy), else the positions."""
+    first, last = int(positions[0]), int(positions[-1])
+    return slice(first, last + 1) if last - first + 1 == len(positions) else positions
+
+
+def _take(source: np.ndarray | PixelSource, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    if not isinstance(source, np.ndarray):
+        return source.take(rows, cols)
+    row_span, col_span = _span(rows), _span(cols)
+    picked = source[row_span] if isinstance(row_span, slice) else np.take(source, row_span, axis=0)
+    return picked[:, col_span] if isinstance(col_span, slice) else np.take(picked, col_span, axis=1)
+
+
+def pixels_in(source: np.ndarray | PixelSource, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """All pixels of a source, or of its ``(top, left, height, width)`` window, as an array."""
+    top, left, height, width = window or (0, 0, *source.shape[:2])
+    return _take(source, np.arange(top, top + height), np.arange(left, left + width))
+
+
+def _resample_axis(pixels: np.ndarray, weights: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:
     """Resample axis 0 or 1 of a ``(height, width, channels)`` array into float32, one tap at a time."""
     shape = (-1, 1, 1) if axis == 0 else (1, -1, 1)
-    out = taps.weights[:, 0].reshape(shape) * np.take(pixels, taps.indices[:, 0], axis=axis)
-    for k in range(1, taps.indices.shape[1]):
-        out += taps.weights[:, k].reshape(shape) * np.take(pixels, taps.indices[:, k], axis=axis)
+    out = weights[:, 0].reshape(shape) * np.take(pixels, indices[:, 0], axis=axis)
+    for k in range(1, indices.shape[1]):
+        out += weights[:, k].reshape(shape) * np.take(pixels, indices[:, k], axis=axis)
     return out
 
 
-def resize(pixels: np.ndarray, size: tuple[int, int], method: str, antialias: bool = False) -> np.ndarray:
-    """Resize an image as ``tf.image.resize(pixels, size, method, antialias=antialias)`` does.
+def resize(
+    source: np.ndarray | PixelSource,
+    size: tuple[int, int],
+    method: str,
+    antialias: bool = False,
+    window: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """Resize an image as ``tf.image.resize(image, size, method, antialias=antialias)`` does.
 
     Unlike ``tf.image.resize`` with static shapes, an image already of the target size is still filtered
     (``gaussian`` and ``mitchellcubic`` blur it), as Keras's loaders do with their dynamic shapes.
 
     Args:
-        pixels: ``(height, width, channels)`` array.
+        source: ``(height, width, channels)`` array, or a :class:`PixelSource`.
         size: Target ``(height, width)``.
         method: One of :data:`INTERPOLATIONS`.
         antialias: See :func:`axis_taps`.
+        window: ``(top, left, height, width)`` of the part of the source to resize; all of it by default.
 
     Returns:
-        The resized ``(height, width, channels)`` array: float32, or the input dtype for ``nearest``.
+        The resized ``(height, width, channels)`` array: float32, or ``uint8`` for ``nearest``.
     """
-    rows = axis_taps(pixels.shape[0], size[0], method, antialias)
-    cols = axis_taps(pixels.shape[1], size[1], method, antialias)
+    top, left, height, width = window or (0, 0, *source.shape[:2])
+    rows = axis_taps(height, size[0], method, antialias)
+    cols = axis_taps(width, size[1], method, antialias)
+    # Only the pixels the taps read, renumbered: the taps index into this block.
+    block = _take(source, rows.sources + top, cols.sources + left)
     if method == "nearest":
-        return np.take(np.take(pixels, rows.indices[:, 0], axis=0), cols.indices[:, 0], axis=1)
+        return np.take(np.take(block, rows.local_indices[:, 0], axis=0), cols.local_indices[:, 0], axis=1)
     # Rows first: gathering whole rows is fast, and the column pass then gathers within the output's rows only.
-    out = pixels if rows.is_identity else _resample_axis(pixels, rows, 0)
-    out = out if cols.is_identity else _resample_axis(out, cols, 1)
+    out = block if rows.is_identity else _resample_axis(block, rows.weights, rows.local_indices, 0)
+    out = out if cols.is_identity else _resample_axis(out, cols.weights, cols.local_indices, 1)
     return out.astype(F32, copy=False)
 
 
@@ -275,71 +331,69 @@ _CB_TO_G, _CR_TO_G = -_fixed(0.34414), -_fixed(0.71414)
 _HALF = 1 << 15
 
 
-def _interleave_rows(even: np.ndarray, odd: np.ndarray) -> np.ndarray:
-    out = np.empty((2 * even.shape[0], *even.shape[1:]), even.dtype)
-    out[0::2], out[1::2] = even, odd
-    return out
+def _neighbor(positions: np.ndarray, odd: np.ndarray, limit: int) -> np.ndarray:
+    """The farther sample for each output position: the next one for odd outputs, else the previous one.
 
-
-def _neighbors(plane: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """The plane shifted by one along ``axis`` each way, edges repeated: (previous, next)."""
-    first, last = np.take(plane, [0], axis=axis), np.take(plane, [-1], axis=axis)
-    inner_prev = np.take(plane, np.arange(plane.shape[axis] - 1), axis=axis)
-    inner_next = np.take(plane, np.arange(1, plane.shape[axis]), axis=axis)
-    return np.concatenate([first, inner_prev], axis=axis), np.concatenate([inner_next, last], axis=axis)
-
-
-def _widen(sums: np.ndarray, biases: tuple[int, int], shift: int) -> np.ndarray:
-    """Double the columns with weights 3/4 (nearer) and 1/4 (farther), libjpeg's rounding biases."""
-    left, right = _neighbors(sums, axis=1)
-    out = np.empty((sums.shape[0], 2 * sums.shape[1]), sums.dtype)
-    out[:, 0::2] = (3 * sums + left + biases[0]) >> shift
-    out[:, 1::2] = (3 * sums + right + biases[1]) >> shift
-    return out
-
-
-def _fancy_upsample(samples: np.ndarray, factors: tuple[int, int]) -> np.ndarray | None:
-    """The "fancy" (triangle) upsampling libjpeg gives one chroma plane, or None where libjpeg replicates.
-
-    Args:
-        samples: ``(rows, columns)`` int16 chroma samples, as stored.
-        factors: ``(horizontal, vertical)`` upsampling factors.
+    Positions repeat at the edges, as libjpeg's context rows and columns do.
     """
-    height_fancy = factors == (1, 2)
-    width_fancy = factors[0] == 2 and factors[1] in (1, 2) and samples.shape[1] > 2
-    if not (height_fancy or width_fancy):
-        return None
-    if factors == (2, 1):
-        return _widen(samples, (1, 2), 2)
-    above, below = _neighbors(samples, axis=0)
-    if height_fancy:
-        return _interleave_rows((3 * samples + above + 1) >> 2, (3 * samples + below + 2) >> 2)
-    return _widen(_interleave_rows(3 * samples + above, 3 * samples + below), (8, 7), 4)
+    return np.clip(positions + np.where(odd, 1, -1), 0, limit - 1)
 
 
-def jpeg_ycbcr_to_rgb(ycbcr: np.ndarray, sampling: list[tuple[int, int]]) -> np.ndarray:
-    """The RGB image libjpeg outputs, from the YCbCr planes it decodes without upsampling chroma smoothly.
+@dataclass(frozen=True)
+class JpegPixels:
+    """The RGB pixels libjpeg outputs for a YCbCr JPEG, rebuilt from the planes it decodes in fast mode.
 
-    Args:
-        ycbcr: ``(height, width, 3)`` ``uint8`` planes as libjpeg gives them with fancy upsampling off:
-            each chroma sample repeated over the pixels it covers.
-        sampling: ``(horizontal, vertical)`` sampling factors of the Y, Cb and Cr components.
+    With Pillow's draft flag, libjpeg decodes with the fast integer DCT, as TensorFlow does, but it also
+    repeats each chroma sample over the pixels it covers, where TensorFlow's decode interpolates ("fancy"
+    upsampling: weights 3/4 and 1/4 per doubled axis). :meth:`take` redoes that interpolation and the
+    YCbCr -> RGB conversion with libjpeg's integer arithmetic, at the requested pixels only.
 
-    Returns:
-        The ``(height, width, 3)`` ``uint8`` RGB image, as libjpeg decodes it with fancy upsampling on.
+    Attributes:
+        ycbcr: ``(height, width, 3)`` ``uint8`` planes, chroma repeated over the pixels each sample covers.
+        sampling: ``(horizontal, vertical)`` sampling factors of the Y, Cb and Cr components; each chroma
+            plane has Y's, or half as many columns, or half as many columns and rows (4:4:4, 4:2:2, 4:2:0).
+        alpha: Append an opaque alpha channel.
     """
-    height, width = ycbcr.shape[:2]
-    max_h, max_v = sampling[0]
-    chroma = []
-    for channel, (h, v) in zip((1, 2), sampling[1:], strict=True):
-        factors = (max_h // h, max_v // v)
-        samples = ycbcr[:: factors[1], :: factors[0], channel].astype(np.int16)
-        smooth = _fancy_upsample(samples, factors)
-        chroma.append((ycbcr[..., channel] if smooth is None else smooth[:height, :width]).astype(np.int32) - 128)
-    cb, cr = chroma
-    luma_plane = ycbcr[..., 0].astype(np.int32)
-    rgb = np.empty((height, width, 3), np.uint8)
-    rgb[..., 0] = np.clip(luma_plane + ((_CR_TO_R * cr + _HALF) >> 16), 0, 255)
-    rgb[..., 1] = np.clip(luma_plane + ((_CB_TO_G * cb + _CR_TO_G * cr + _HALF) >> 16), 0, 255)
-    rgb[..., 2] = np.clip(luma_plane + ((_CB_TO_B * cb + _HALF) >> 16), 0, 255)
-    return rgb
+
+    ycbcr: np.ndarray
+    sampling: list[tuple[int, int]]
+    alpha: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(height, width, channels)``."""
+        return (*self.ycbcr.shape[:2], 4 if self.alpha else 3)
+
+    def take(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The ``uint8`` RGB(A) pixels at the crossings of ``rows`` and ``cols``."""
+        luma_plane = _take(self.ycbcr[..., 0], rows, cols).astype(np.int32)
+        cb, cr = (self._chroma(channel, rows, cols) - 128 for channel in (1, 2))
+        out = np.empty((len(rows), len(cols), self.shape[2]), np.uint8)
+        out[..., 0] = np.clip(luma_plane + ((_CR_TO_R * cr + _HALF) >> 16), 0, 255)
+        out[..., 1] = np.clip(luma_plane + ((_CB_TO_G * cb + _CR_TO_G * cr + _HALF) >> 16), 0, 255)
+        out[..., 2] = np.clip(luma_plane + ((_CB_TO_B * cb + _HALF) >> 16), 0, 255)
+        if self.alpha:
+            out[..., 3] = 255
+        return out
+
+    def _chroma(self, channel: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """One chroma plane upsampled as libjpeg's fancy upsampling does, at ``rows`` x ``cols``, as int32."""
+        (max_h, max_v), (h, v) = self.sampling[0], self.sampling[channel]
+        across, down = max_h // h, max_v // v
+        samples = self.ycbcr[::down, ::across, channel]
+        # libjpeg interpolates doubled columns (and rows with them) only in planes over 2 samples wide.
+        if across != 2 or samples.shape[1] <= 2:
+            return _take(self.ycbcr[..., channel], rows, cols).astype(np.int32)
+        if down == 2:
+            # Column sums: 3 x the nearer sample row + the farther one (the next for odd rows, else the previous).
+            nearer = rows // 2
+            farther = _neighbor(nearer, (rows % 2).astype(bool), samples.shape[0])
+            sums = 3 * samples[nearer].astype(np.int32) + samples[farther]
+        else:
+            sums = samples[rows].astype(np.int32)
+        nearer_col, odd_col = cols // 2, (cols % 2).astype(bool)
+        farther_col = _neighbor(nearer_col, odd_col, samples.shape[1])
+        mixed = 3 * sums[:, nearer_col] + sums[:, farther_col]
+        if down == 2:  # h2v2: in 16ths, rounding biases 8 (even columns) and 7 (odd columns)
+            return (mixed + np.where(odd_col, 7, 8)) >> 4
+        return (mixed + np.where(odd_col, 2, 1)) >> 2  # h2v1: in quarters, biases 1 and 2
