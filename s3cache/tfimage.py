@@ -329,14 +329,8 @@ def _fixed(value: float) -> int:
 _CR_TO_R, _CB_TO_B = _fixed(1.40200), _fixed(1.77200)
 _CB_TO_G, _CR_TO_G = -_fixed(0.34414), -_fixed(0.71414)
 _HALF = 1 << 15
-
-
-def _neighbor(positions: np.ndarray, odd: np.ndarray, limit: int) -> np.ndarray:
-    """The farther sample for each output position: the next one for odd outputs, else the previous one.
-
-    Positions repeat at the edges, as libjpeg's context rows and columns do.
-    """
-    return np.clip(positions + np.where(odd, 1, -1), 0, limit - 1)
+# Pixels per block of JpegPixels.take: its int32 temporaries then fit in a core's cache.
+_CONVERT_BLOCK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -366,34 +360,58 @@ class JpegPixels:
 
     def take(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The ``uint8`` RGB(A) pixels at the crossings of ``rows`` and ``cols``."""
-        luma_plane = _take(self.ycbcr[..., 0], rows, cols).astype(np.int32)
-        cb, cr = (self._chroma(channel, rows, cols) - 128 for channel in (1, 2))
+        luma_plane = _take(self.ycbcr[..., 0], rows, cols)
+        cb, cr = (self._chroma(channel, rows, cols) for channel in (1, 2))
         out = np.empty((len(rows), len(cols), self.shape[2]), np.uint8)
-        out[..., 0] = np.clip(luma_plane + ((_CR_TO_R * cr + _HALF) >> 16), 0, 255)
-        out[..., 1] = np.clip(luma_plane + ((_CB_TO_G * cb + _CR_TO_G * cr + _HALF) >> 16), 0, 255)
-        out[..., 2] = np.clip(luma_plane + ((_CB_TO_B * cb + _HALF) >> 16), 0, 255)
         if self.alpha:
             out[..., 3] = 255
+        # A few rows at a time, so that the int32 temporaries stay in cache on large images.
+        step = max(1, _CONVERT_BLOCK // max(1, len(cols)))
+        for start in range(0, len(rows), step):
+            block = slice(start, start + step)
+            _ycbcr_to_rgb(luma_plane[block], cb[block], cr[block], out[block])
         return out
 
     def _chroma(self, channel: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """One chroma plane upsampled as libjpeg's fancy upsampling does, at ``rows`` x ``cols``, as int32."""
+        """One chroma plane upsampled as libjpeg's fancy upsampling does, at ``rows`` x ``cols``, as int16."""
         (max_h, max_v), (h, v) = self.sampling[0], self.sampling[channel]
         across, down = max_h // h, max_v // v
         samples = self.ycbcr[::down, ::across, channel]
         # libjpeg interpolates doubled columns (and rows with them) only in planes over 2 samples wide.
         if across != 2 or samples.shape[1] <= 2:
-            return _take(self.ycbcr[..., channel], rows, cols).astype(np.int32)
+            return _take(self.ycbcr[..., channel], rows, cols).astype(np.int16)
         if down == 2:
             # Column sums: 3 x the nearer sample row + the farther one (the next for odd rows, else the previous).
             nearer = rows // 2
-            farther = _neighbor(nearer, (rows % 2).astype(bool), samples.shape[0])
-            sums = 3 * samples[nearer].astype(np.int32) + samples[farther]
+            farther = np.clip(nearer + np.where(rows % 2, 1, -1), 0, samples.shape[0] - 1)
+            sums = 3 * samples[nearer].astype(np.int16) + samples[farther]
+            wide = _widen(sums, (8, 7), 4)  # h2v2: in 16ths
         else:
-            sums = samples[rows].astype(np.int32)
-        nearer_col, odd_col = cols // 2, (cols % 2).astype(bool)
-        farther_col = _neighbor(nearer_col, odd_col, samples.shape[1])
-        mixed = 3 * sums[:, nearer_col] + sums[:, farther_col]
-        if down == 2:  # h2v2: in 16ths, rounding biases 8 (even columns) and 7 (odd columns)
-            return (mixed + np.where(odd_col, 7, 8)) >> 4
-        return (mixed + np.where(odd_col, 2, 1)) >> 2  # h2v1: in quarters, biases 1 and 2
+            wide = _widen(samples[rows].astype(np.int16), (1, 2), 2)  # h2v1: in quarters
+        return _take(wide, np.arange(len(rows)), cols)
+
+
+def _widen(sums: np.ndarray, biases: tuple[int, int], shift: int) -> np.ndarray:
+    """Double the columns: 3 x the nearer column + the farther one, plus libjpeg's biases, shifted down.
+
+    The farther column is the previous one for even outputs, the next for odd ones, repeated at the edges.
+    """
+    left = np.concatenate([sums[:, :1], sums[:, :-1]], axis=1)
+    right = np.concatenate([sums[:, 1:], sums[:, -1:]], axis=1)
+    out = np.empty((sums.shape[0], 2 * sums.shape[1]), sums.dtype)
+    out[:, 0::2] = (3 * sums + left + biases[0]) >> shift
+    out[:, 1::2] = (3 * sums + right + biases[1]) >> shift
+    return out
+
+
+def _ycbcr_to_rgb(luma_plane: np.ndarray, cb: np.ndarray, cr: np.ndarray, out: np.ndarray) -> None:
+    """Write libjpeg's RGB for ``uint8`` luma and int16 chroma planes into ``out[..., :3]``."""
+    cb, cr = cb.astype(np.int32) - 128, cr.astype(np.int32) - 128
+    for channel, offset in enumerate(
+        (_CR_TO_R * cr + _HALF, _CB_TO_G * cb + _CR_TO_G * cr + _HALF, _CB_TO_B * cb + _HALF)
+    ):
+        offset >>= 16
+        offset += luma_plane
+        np.maximum(offset, 0, out=offset)
+        np.minimum(offset, 255, out=offset)
+        out[..., channel] = offset
