@@ -21,10 +21,8 @@ from PIL import Image
 from s3cache.errors import DecodeError, ImageTooLargeError
 from s3cache.tfimage import INTERPOLATIONS, JpegPixels, PixelSource, crop_box, luma, pad_layout, pixels_in, resize
 
-__all__ = ["COLOR_MODES", "DECODER_VERSION", "INTERPOLATIONS", "ImageSpec"]
-
 # Bump when decode() changes its output for the same inputs: old entries then stop matching.
-# 2: pixels as Keras's loader computes them (TensorFlow's resize kernels and crop/pad geometry).
+# 2: pixels as Keras's loader computes them (TensorFlow's JPEG decoding, resize kernels, crop/pad geometry).
 DECODER_VERSION = 2
 
 COLOR_MODES = {"rgb": ("RGB", 3), "rgba": ("RGBA", 4), "grayscale": ("L", 1)}
@@ -34,7 +32,7 @@ COLOR_MODES = {"rgb": ("RGB", 3), "rgba": ("RGBA", 4), "grayscale": ("L", 1)}
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP")
 
 # Pillow filters equal to TensorFlow's antialiased kernels (triangle, Keys cubic a=-0.5, Lanczos a=3),
-# used for speed when antialiasing; the other kernels go through s3cache.resize.
+# used for speed when antialiasing; the other kernels go through s3cache.tfimage.
 _PILLOW_ANTIALIAS_FILTERS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -57,9 +55,10 @@ class ImageSpec:
     """How raw images are turned into fixed-size arrays, pixel for pixel as Keras's loader does by default.
 
     With the defaults, :meth:`decode` gives the pixels ``keras.utils.image_dataset_from_directory`` gives
-    (TensorFlow's resize kernels, crop and pad geometry and channel conversions), rounded to ``uint8``; the
-    remaining difference is the JPEG decoder's (TensorFlow uses libjpeg's fast integer DCT, Pillow the
-    accurate one).
+    (TensorFlow's JPEG decoding, channel conversions, resize kernels and crop and pad geometry), rounded to
+    ``uint8`` and clipped to 0..255. JPEGs coded in RGB, or with chroma sampled other than 4:4:4, 4:2:2 or
+    4:2:0, are decoded with libjpeg's accurate DCT instead of TensorFlow's fast one: about 1 level apart.
+    Cropping also works with ``"gaussian"`` and ``"mitchellcubic"``, which Keras's crop refuses.
 
     Attributes:
         image_size: Target ``(height, width)``, as in Keras.
@@ -177,7 +176,7 @@ class ImageSpec:
                     f"{url}: image is {width}x{height} = {width * height} pixels, over the limit of "
                     f"{self.max_pixels} (ImageSpec.max_pixels); raise it to accept such images"
                 )
-            sampling = self._configure_jpeg(image) if image.format == "JPEG" else None
+            sampling = self._configure_jpeg(image) if image.format in ("JPEG", "MPO") else None
             image.load()
             if sampling:
                 return JpegPixels(np.asarray(image), sampling, alpha=self.color_mode == "rgba")
@@ -195,18 +194,23 @@ class ImageSpec:
             height, width = self.image_size
             image.draft("L" if self.color_mode == "grayscale" else None, (width, height))
             return None
-        sampling = _ycbcr_sampling(image)
-        if image.mode == "RGB" and sampling is None:
-            return None  # RGB-coded, or an exotic layout: Pillow's own (accurate) decode
-        if image.mode == "RGB":
-            # Grayscale output is the luma plane, as TensorFlow asks libjpeg for it.
-            image.draft("L" if self.color_mode == "grayscale" else "YCbCr", None)
-        elif image.mode != "L":
+        if image.mode not in ("L", "RGB"):
             return None  # CMYK: Pillow's own decode
+        sampling = [(int(layer[1]), int(layer[2])) for layer in image.layer]
+        grayscale, upsampled = self.color_mode == "grayscale", len(set(sampling)) > 1
+        # The fast mode below upsamples chroma differently: fine for YCbCr's luma plane alone, or where
+        # JpegPixels redoes the upsampling; else Pillow's own (accurate) decode.
+        if upsampled and not (_is_ycbcr(image) and (grayscale or _is_halved(sampling))):
+            return None
+        # A gray output is libjpeg's own (the luma plane, for YCbCr), as TensorFlow asks for it; JpegPixels
+        # rebuilds RGB from the raw planes where chroma is upsampled.
+        rebuild = upsampled and not grayscale
+        if image.mode == "RGB" and (grayscale or rebuild):
+            image.draft("L" if grayscale else "YCbCr", None)
         # (DCT scale 1, draft flag): the flag selects libjpeg's fast integer DCT, which TensorFlow uses. It
         # also turns smooth chroma upsampling off, which JpegPixels redoes.
         image.decoderconfig = (1, 1)
-        return sampling if image.mode == "YCbCr" else None
+        return sampling if rebuild else None
 
     def _convert(self, image: Image.Image) -> np.ndarray:
         """Convert any other Pillow mode to the spec's color mode, as TensorFlow's decoders do."""
@@ -257,21 +261,19 @@ def _pillow_resize(pixels: np.ndarray, size: tuple[int, int], resample: Image.Re
     return np.ascontiguousarray(resized.reshape(*size, channels))
 
 
-def _ycbcr_sampling(image: Image.Image) -> list[tuple[int, int]] | None:
-    """The sampling factors of a YCbCr-coded 4:4:4, 4:2:2 or 4:2:0 JPEG, else None.
+def _is_ycbcr(image: Image.Image) -> bool:
+    """Whether a 3-component JPEG is YCbCr-coded, by libjpeg's rule.
 
-    The color space follows libjpeg's rule: JFIF means YCbCr; else an Adobe marker's transform says; else
-    the component IDs 'R', 'G', 'B' mean RGB.
+    JFIF means YCbCr; else an Adobe marker's transform says; else the component IDs 'R', 'G', 'B' mean RGB.
     """
-    layers = getattr(image, "layer", [])
-    if image.mode != "RGB" or len(layers) != 3:
-        return None
-    if "jfif" not in image.info:
-        if "adobe" in image.info and image.info.get("adobe_transform") == 0:
-            return None
-        if "adobe" not in image.info and [layer[0] for layer in layers] == [82, 71, 66]:
-            return None
-    sampling = [(int(layer[1]), int(layer[2])) for layer in layers]
+    if "jfif" in image.info:
+        return True
+    if "adobe" in image.info:
+        return image.info.get("adobe_transform") != 0
+    return [layer[0] for layer in image.layer] != [82, 71, 66]
+
+
+def _is_halved(sampling: list[tuple[int, int]]) -> bool:
+    """Whether each chroma plane has luma's resolution, or half its columns, or half its columns and rows."""
     (luma_h, luma_v), chroma = sampling[0], sampling[1:]
-    ratios = [(luma_h / h, luma_v / v) for h, v in chroma]
-    return sampling if all(ratio in {(1, 1), (2, 1), (2, 2)} for ratio in ratios) else None
+    return all((luma_h / h, luma_v / v) in {(1, 1), (2, 1), (2, 2)} for h, v in chroma)

@@ -37,8 +37,8 @@ class KerasTree:
     """Image files in Keras's layout, one folder per class under each root.
 
     Attributes:
-        root: Every file: photos as JPEG (4:2:0, 4:2:2, 4:4:4) and PNG, grayscale JPEG and PNG, an RGBA
-            PNG, a palette PNG with a transparent color and a 16-bit PNG.
+        root: Every file: photos as JPEG (4:2:0, 4:2:2, 4:4:4, progressive, RGB-coded, multi-picture) and
+            PNG, grayscale JPEG and PNG, an RGBA PNG, a palette PNG with a transparent color, a 16-bit PNG.
         png_root: The PNG files only, for RGBA: Keras cannot decode JPEGs to four channels.
     """
 
@@ -62,9 +62,13 @@ def _odd_images(photo: np.ndarray) -> dict[str, bytes]:
     height, width = photo.shape[:2]
     ramp = np.linspace(0, 255, width, dtype=np.uint8)[np.newaxis, :].repeat(height, axis=0)
     palette = rgb.quantize(colors=16)
+    second = Image.fromarray(photo[::-1].copy())
     return {
         "subsampled_422.jpg": _saved(rgb, "JPEG", quality=90, subsampling=1),
         "unsubsampled_444.jpg": _saved(rgb, "JPEG", quality=90, subsampling=0),
+        "progressive.jpg": _saved(rgb, "JPEG", quality=90, progressive=True),
+        "rgb_coded.jpg": _saved(rgb, "JPEG", quality=90, keep_rgb=True),
+        "multi_picture.jpg": _saved(rgb, "MPO", quality=90, save_all=True, append_images=[second]),
         "gray.jpg": _saved(rgb.convert("L"), "JPEG", quality=90),
         "gray.png": _saved(rgb.convert("L"), "PNG"),
         "rgba.png": _saved(Image.fromarray(np.dstack([photo, ramp])), "PNG"),
