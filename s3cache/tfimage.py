@@ -103,13 +103,14 @@ class Taps:
 
     @functools.cached_property
     def sources(self) -> np.ndarray:
-        """The input positions these taps read, ascending."""
-        return np.unique(self.indices)
+        """The input positions these taps weigh (nonzero weights), ascending."""
+        weighed = self.indices[self.weights != 0]
+        return np.unique(weighed if weighed.size else self.indices)
 
     @functools.cached_property
     def local_indices(self) -> np.ndarray:
-        """:attr:`indices` as positions within :attr:`sources`."""
-        return np.searchsorted(self.sources, self.indices)
+        """:attr:`indices` as positions within :attr:`sources` (any position, for a tap of weight 0)."""
+        return np.minimum(np.searchsorted(self.sources, self.indices), len(self.sources) - 1)
 
 
 def _half_pixel_source(in_size: int, out_size: int, shift: float) -> np.ndarray:
@@ -183,7 +184,7 @@ def _normalized(indices: np.ndarray, weights: np.ndarray, in_size: int) -> Taps:
     return Taps(np.clip(indices, 0, in_size - 1), weights)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)
 def axis_taps(in_size: int, out_size: int, method: str, antialias: bool = False) -> Taps:
     """The taps that resample one axis of ``in_size`` pixels to ``out_size`` pixels.
 
