@@ -108,7 +108,7 @@ def test_antialias_resizes_alpha_as_a_channel_of_its_own() -> None:
 
 
 @pytest.mark.parametrize("color_mode", ["rgb", "grayscale"])
-def test_jpeg_draft_decodes_large_jpegs_smaller_and_close(color_mode: str) -> None:
+def test_jpeg_draft_is_close_to_the_exact_decode_but_not_it(color_mode: str) -> None:
     data = encode(skimage.data.astronaut(), "JPEG", quality=90)  # 512x512: libjpeg can decode it at 1/4
     exact = ImageSpec((64, 64), color_mode=color_mode, interpolation="area").decode(data)
     drafted = ImageSpec((64, 64), color_mode=color_mode, interpolation="area", jpeg_draft=True).decode(data)
