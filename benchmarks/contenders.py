@@ -18,6 +18,7 @@ import io
 import json
 import os
 import statistics
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -255,6 +256,36 @@ def s3cache_lru(workload: Workload) -> list[Run]:
     return [_median_run(f"s3cache-lru-{setting}", LRU_LABELS[setting], epochs) for setting, epochs in rounds.items()]
 
 
+PACKED_SHARD_SIZE = "16MB"
+
+
+def s3cache_packed(workload: Workload) -> list[Run]:
+    """The photos packed into 16 MB tar shards (``s3cache.pack``, timed apart), then read cold and warm."""
+    import resource
+
+    from s3cache import image_dataset_from_s3
+    from s3cache.pack import pack
+
+    packed_url = f"{workload.url.rstrip('/')}-packed/"
+    started, cpu = time.perf_counter(), time.process_time()
+    report = pack(workload.url, packed_url, shard_size=PACKED_SHARD_SIZE, storage_options=workload.storage_options)
+    pack_seconds, pack_cpu = time.perf_counter() - started, time.process_time() - cpu
+    packing = {"images": report.members, "shards": report.shards, "seconds": pack_seconds,
+               "images_per_s": report.members / pack_seconds,
+               "cpu_ms_per_image": pack_cpu / report.members * 1e3,
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    dataset = image_dataset_from_s3(
+        packed_url, image_size=workload.image_size, batch_size=workload.batch_size, shuffle=True, seed=0,
+        cache_dir=workload.scratch("packed-cache"), storage_options=workload.storage_options, verbose=False,
+    )
+    try:
+        epochs = timed_epochs(workload, lambda _: _s3cache_epoch(dataset), ["1 (cold)", "2 (warm)"])
+    finally:
+        dataset.close()
+    return [Run("s3cache-packed", "s3cache on tar shards (16 MB, packed by s3cache pack)", epochs,
+                extra={"stats": dataset.stats, "packing": packing})]
+
+
 def _median_run(name: str, label: str, epochs: list[Epoch]) -> Run:
     ranked = sorted(epochs, key=lambda e: e.images_per_s)
     median = ranked[len(ranked) // 2]
@@ -371,6 +402,7 @@ CONTENDERS: dict[str, Callable[[Workload], list[Run]]] = {
     "s3cache": s3cache_online,
     "s3cache-offline": s3cache_offline,
     "s3cache-lru": s3cache_lru,
+    "s3cache-packed": s3cache_packed,
     "raw": raw_limit,
 }
 

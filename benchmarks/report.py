@@ -14,6 +14,9 @@ WARM_VS_TFDATA_GOAL = 1.5
 WARM_VS_RAW_GOAL = 0.75
 COLD_VS_CAPACITY_GOAL = 0.8
 LRU_COST_GOAL = 0.10
+PACKED_VS_LOOSE_GOAL = 10.0  # cold epoch, at 100 ms
+PACKED_VS_KERAS_GOAL = 1.0  # cold epoch against Keras reading the JPEGs from local disk
+PACKING_VS_CAPACITY_GOAL = 0.8
 LRU_RATIOS = {"fresh": "LRU cost, entries used just now", "stale": "LRU cost, entries used an hour ago"}
 
 
@@ -63,6 +66,13 @@ def ratios(runs: dict[str, Run]) -> dict[str, float]:
         out["s3cache cold / seed recipe"] = _rate(s3cache, 0) / _mean(runs["seed"])
     if s3cache and capacity:
         out["s3cache cold / endpoint capacity"] = _rate(s3cache, 0) / max(capacity)
+    packed = runs.get("s3cache-packed")
+    if packed and s3cache:
+        out["packed cold / per-object cold"] = _rate(packed, 0) / _rate(s3cache, 0)
+    if packed and "keras-local" in runs:
+        out["packed cold / keras local disk (epoch 1)"] = _rate(packed, 0) / _rate(runs["keras-local"], 0)
+    if packed and capacity:
+        out["packing / endpoint capacity"] = packed.extra["packing"]["images_per_s"] / max(capacity)
     if "s3cache-lru-off" in runs:
         for setting, name in LRU_RATIOS.items():
             if f"s3cache-lru-{setting}" in runs:
@@ -91,6 +101,10 @@ def targets(runs: dict[str, Run], found: dict[str, float], latency_ms: float) ->
         offline = runs["s3cache-offline"]
         total = offline.setup_s3_requests + sum(e.s3_requests for e in offline.epochs)
         out.append(Target("S3 requests in the offline rerun", total, "0", total == 0))
+    if latency_ms == 100.0:
+        at_least("packed cold / per-object cold", PACKED_VS_LOOSE_GOAL, f">= {PACKED_VS_LOOSE_GOAL:g}x at 100 ms")
+    at_least("packed cold / keras local disk (epoch 1)", PACKED_VS_KERAS_GOAL, f">= {PACKED_VS_KERAS_GOAL:g}x")
+    at_least("packing / endpoint capacity", PACKING_VS_CAPACITY_GOAL, f">= {PACKING_VS_CAPACITY_GOAL:.0%}")
     for name in LRU_RATIOS.values():
         if name in found:
             out.append(Target(name, found[name], f"< {LRU_COST_GOAL:.0%}", found[name] < LRU_COST_GOAL))
