@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from s3cache.store.directory import CacheDirectory
+from s3cache.store.directory import CacheDirectory, trust_shared_from_env
 
 if TYPE_CHECKING:
     from s3cache.loader import Loader
@@ -63,6 +63,9 @@ class CacheConfig:
         offline: Never contact S3.
         on_error: ``"raise"`` or ``"skip"`` for undecodable objects.
         concurrency: Most S3 requests in flight per process.
+        trust_shared_cache: Accept a cache directory that someone else owns or that group or
+            others can write (a team cache); by default such a directory is refused, since it could
+            hold planted entries. Default: ``$S3CACHE_TRUST_SHARED``.
     """
 
     cache_dir: Path
@@ -71,6 +74,7 @@ class CacheConfig:
     offline: bool = False
     on_error: str = "raise"
     concurrency: int = DEFAULT_CONCURRENCY
+    trust_shared_cache: bool = False
 
     @classmethod
     def create(
@@ -82,6 +86,7 @@ class CacheConfig:
         offline: bool = False,
         on_error: str = "raise",
         concurrency: int = DEFAULT_CONCURRENCY,
+        trust_shared_cache: bool | None = None,
     ) -> CacheConfig:
         """Resolve defaults (``$S3CACHE_DIR``, else ``~/.cache/s3cache``) and check the values.
 
@@ -94,11 +99,18 @@ class CacheConfig:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         limit = None if size_limit is None else parse_size(size_limit)
-        return cls(directory, limit, dict(storage_options or {}), offline, on_error, concurrency)
+        trust = trust_shared_from_env() if trust_shared_cache is None else bool(trust_shared_cache)
+        return cls(directory, limit, dict(storage_options or {}), offline, on_error, concurrency, trust)
 
     def open_cache(self, *, must_exist: bool = False) -> CacheDirectory:
-        """Open the cache directory's stores (creating them unless ``must_exist``)."""
-        return CacheDirectory(self.cache_dir, self.size_limit, must_exist=must_exist)
+        """Open the cache directory's stores (creating them unless ``must_exist``).
+
+        Raises:
+            CacheError: No cache there (with ``must_exist``), a directory someone else owns or can
+                write (unless :attr:`trust_shared_cache`), or it cannot be opened.
+        """
+        return CacheDirectory(self.cache_dir, self.size_limit, must_exist=must_exist,
+                              trust_shared=self.trust_shared_cache)
 
     def open_source(self) -> Source | None:
         """The S3 source, or ``None`` offline."""
@@ -113,6 +125,6 @@ class CacheConfig:
         from s3cache.loader import Loader
 
         cache = self.open_cache()
-        cache.meta.put_spec(spec.fingerprint, spec.to_dict())
-        cache.meta.close()  # the loader needs the arrays only
+        # Recorded now, and again by the array store if `s3cache clear` removes the record meanwhile.
+        cache.record_spec(spec.fingerprint, spec.to_dict())
         return Loader(spec, cache.arrays, self.open_source(), on_error=self.on_error)
