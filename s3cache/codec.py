@@ -73,7 +73,7 @@ def encode_array(array: np.ndarray, key: str | None = None) -> bytes:
     """
     if array.dtype != np.uint8 or array.ndim != 3:
         raise ValueError(f"expected a 3-d uint8 array, got {array.dtype} with shape {array.shape}")
-    payload = np.ascontiguousarray(array).data
+    payload = np.ascontiguousarray(array).data.cast("B")  # flat bytes, whatever checksum function reads them
     return _encode(KIND_ARRAY, array.shape, payload, key)
 
 
