@@ -18,6 +18,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,7 +66,10 @@ def cli(*args: Any, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def warm(s3: LocalS3, cache_dir: Path, spec: ImageSpec = SMALL) -> ops.WarmReport:
-    return ops.warm(URL, spec.image_size, cache_dir=cache_dir, storage_options=s3.storage_options)
+    report = ops.warm(URL, spec.image_size, cache_dir=cache_dir, storage_options=s3.storage_options)
+    gc.collect()  # connections that decode threads opened close here: the WAL is checkpointed into the database
+    assert not (cache_dir / "arrays" / "cache.db-wal").exists()
+    return report
 
 
 def decoded(photos: list[tuple[str, bytes]], spec: ImageSpec) -> dict[str, np.ndarray]:
@@ -384,3 +388,279 @@ def test_codec_binds_entries_to_keys_in_one_swappable_checksum(monkeypatch: pyte
     monkeypatch.undo()
     with pytest.raises(codec.CorruptEntryError):
         codec.decode(swapped, "a")
+
+
+# -- 4. a full disk ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs mounted for this test (skipped where mounting is not allowed); always unmounted."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount)],
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a tmpfs: {exc}")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        gc.collect()  # close SQLite connections still open on it
+        if subprocess.run(["umount", str(mount)], capture_output=True, timeout=30).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def fill(mount: Path, leave: int = 0) -> Path:
+    """Fill the file system with a filler file, leaving about ``leave`` bytes free (none: until ENOSPC)."""
+    filler = mount / f"filler-{len(list(mount.glob('filler-*')))}"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        if leave:
+            os.write(fd, bytes(max(shutil.disk_usage(mount).free - leave, 0)))
+            return filler
+        for chunk in (1 << 16, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, bytes(chunk)):
+                    pass
+    finally:
+        os.close(fd)
+    assert shutil.disk_usage(mount).free < 4096
+    return filler
+
+
+def paused_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, CacheWritesPausedWarning)]
+
+
+def test_training_on_a_full_disk_goes_on_from_s3_with_one_warning(
+    s3: LocalS3, bucket: str, photos: list[tuple[str, bytes]], tmpfs: Path
+) -> None:
+    cache_dir = tmpfs / "cache"
+    reference = decoded(photos, BIG)
+    expected = [reference[url] for url in sorted(reference)]
+    filler = fill(tmpfs, leave=700_000)  # room for a few of the 24 value files of 48 KB, and the database
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = s3cache.image_dataset_from_s3(URL, **dataset_options(
+            s3, cache_dir, image_size=BIG.image_size, labels=None, dtype="uint8", batch_size=8))
+        store = ds.loader.store
+        gets = []
+        for _ in range(2):
+            s3.reset_stats()
+            np.testing.assert_array_equal(np.concatenate(all_batches(ds)), expected)  # every batch served
+            gets.append(len(object_gets(s3)))
+        cached = len(list(store.keys()))
+        assert 0 < cached < 24 and store.writes_paused
+        assert gets == [24, 24 - cached]  # what was cached is served from the cache
+        # No partial value file, no file without its row, no emptied directory left behind.
+        assert store.verify() == []
+        assert len(list((cache_dir / "arrays").rglob("*.val"))) == len(value_files(cache_dir)) == cached
+
+        filler.unlink()  # space is back: writes resume by themselves
+        time.sleep(arrays_module.SPACE_CHECK_SECONDS + 0.1)
+        for _ in range(2):
+            s3.reset_stats()
+            np.testing.assert_array_equal(np.concatenate(all_batches(ds)), expected)
+            gets.append(len(object_gets(s3)))
+        assert gets[2:] == [24 - cached, 0] and not store.writes_paused
+        ds.close()
+        store.close()
+    [message] = paused_warnings(caught)  # one warning over four epochs
+    assert f"the file system holding the cache {cache_dir} is full" in message and "writes are paused" in message
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning | RuntimeWarning)
+                and "s3cache" in str(w.message)]
+
+
+def test_a_failed_value_file_write_leaves_nothing_behind(tmpfs: Path) -> None:
+    disk = SafeDisk(str(tmpfs / "store"))
+    (tmpfs / "store").mkdir()
+    fill(tmpfs, leave=20_000)
+    filename, _ = disk.filename()
+    with pytest.raises(OSError) as full:
+        disk.write_file(filename, bytes(100_000))
+    assert full.value.errno == errno.ENOSPC
+    assert list((tmpfs / "store").iterdir()) == []  # neither the partial file nor its two directories
+
+
+def test_recovery_commands_work_on_a_full_disk(s3: LocalS3, bucket: str, tmpfs: Path) -> None:
+    cache_dir = tmpfs / "cache"
+    warm(s3, cache_dir, BIG)
+    files = value_files(cache_dir)
+    damaged = sorted(files)[0]
+    data = bytearray(files[damaged].read_bytes())
+    data[5000] ^= 0xFF
+    files[damaged].write_bytes(bytes(data))
+    orphan = cache_dir / "arrays" / "zz" / "zz" / ("0" * 28 + ".val")
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(bytes(3000))  # what a writer killed between file and row leaves
+    fill(tmpfs)
+
+    info = cli("info", "--cache-dir", cache_dir)
+    assert info.returncode == 0 and "entries    24" in info.stdout, info.stderr
+    found = cli("verify", "--cache-dir", cache_dir)
+    assert found.returncode == 1, found.stderr
+    assert f"{damaged}: entry checksum does not match" in found.stdout and "unknown file" in found.stdout
+    fixed = cli("verify", "--fix", "--cache-dir", cache_dir)
+    assert fixed.returncode == 0 and "2 problem(s) found and fixed" in fixed.stdout, fixed.stdout + fixed.stderr
+    assert not orphan.exists() and not files[damaged].exists()
+
+    fill(tmpfs)
+    assert cli("verify", "--cache-dir", cache_dir).returncode == 0
+    cleared = cli("clear", "--yes", "--cache-dir", cache_dir)
+    assert cleared.returncode == 0 and "23 arrays" in cleared.stdout, cleared.stdout + cleared.stderr
+    after = ops.cache_info(cache_dir)
+    assert (after["entries"], after["specs"], after["listings"]) == (0, {}, [])
+    assert list((cache_dir / "arrays").rglob("*.val")) == [] and ops.verify_cache(cache_dir) == []
+
+
+# -- 5. damaged databases ------------------------------------------------------------------------------------------
+
+
+def damage(database: Path, where: str, seed: int = 0) -> None:
+    """Random bytes over a database's pages: all after the first (header and schema stay readable), or the
+    second half only (the settings stay readable too, the rows do not)."""
+    data = bytearray(database.read_bytes())
+    pages = len(data) // 4096
+    start = 4096 * (1 if where == "all" else pages // 2)
+    data[start:] = np.random.default_rng(seed).integers(0, 256, len(data) - start, dtype=np.uint8).tobytes()
+    database.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(("store", "where"), [("arrays", "all"), ("arrays", "rows"), ("meta", "all")])
+def test_damaged_databases_name_the_repair_and_verify_fix_rebuilds_them(
+    s3: LocalS3, bucket: str, photos: list[tuple[str, bytes]], cache_dir: Path, store: str, where: str
+) -> None:
+    warm(s3, cache_dir)  # closed: no WAL left beside the databases
+    damage(cache_dir / store / "cache.db", where)
+
+    with pytest.raises(CacheError) as refused:
+        epoch(s3, cache_dir)
+    message = str(refused.value)
+    assert str(cache_dir) in message and "s3cache verify --fix" in message, message
+    assert isinstance(refused.value, DamagedStoreError) or "damaged" in message
+    info = cli("info", "--cache-dir", cache_dir)
+    assert info.returncode == 2 and "verify --fix" in info.stderr and "Traceback" not in info.stderr
+
+    found = cli("verify", "--cache-dir", cache_dir)
+    assert found.returncode == 1 and "Traceback" not in found.stderr, found.stdout + found.stderr
+    assert found.stdout.startswith(f"<{store} database>: the database is damaged")
+    fixed = cli("verify", "--fix", "--cache-dir", cache_dir)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert f"<{store} database>: the database is damaged" in fixed.stdout and "rebuilt empty" in fixed.stdout
+    assert cli("verify", "--cache-dir", cache_dir).returncode == 0
+
+    s3.reset_stats()
+    reference = decoded(photos, SMALL)
+    np.testing.assert_array_equal(epoch(s3, cache_dir), np.stack([reference[url] for url in sorted(reference)]))
+    assert len(object_gets(s3)) == (24 if store == "arrays" else 0)  # arrays refetched; listings relisted only
+    assert ops.cache_info(cache_dir)["specs"] and ops.cache_info(cache_dir)["size_limit_bytes"] == 10 * 10**9
+
+
+# -- 6. CLI output and unrecorded entries ---------------------------------------------------------------------------
+
+ODD_KEYS = ["cat/cr\rforged.jpg", "cat/esc\x1b[2Jclear.jpg", "cat/rtl\u202egpj.exe.jpg", "cat/sep\u2028line.jpg",
+            "cat/back\\slash.jpg"]
+
+
+def test_cli_escapes_control_characters_in_keys(s3: LocalS3, bucket: str, photos: list[tuple[str, bytes]],
+                                                cache_dir: Path) -> None:
+    client = s3.boto3_client()
+    for key in ODD_KEYS:
+        client.put_object(Bucket=bucket, Key=f"train/{key}", Body=photos[0][1])
+    warm(s3, cache_dir)
+
+    listed = cli("ls", URL, "--image-size", 32, 32, "--cache-dir", cache_dir, "--endpoint-url", s3.endpoint_url)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()  # splitlines() also breaks at \r and \u2028
+    assert len(lines) == 24 + len(ODD_KEYS) + 1
+    for key in ODD_KEYS:
+        assert any(line.endswith(f"  {shown(URL + key)}") for line in lines), key
+    assert "\\r" in listed.stdout and "\\x1b" in listed.stdout and "\\u202e" in listed.stdout
+    assert "back\\\\slash" in listed.stdout
+
+    # A stored listing whose object key holds a newline (real S3 allows it; the local endpoint does not).
+    with CacheDirectory(cache_dir) as cache:
+        stored = cache.meta.get_listing(URL)
+        assert stored is not None
+        forged = Item.from_json(stored["objects"][0])
+        evil = Item(forged.bucket, "train/cat/a\ncached      1.0 KB  s3://photos/forged.jpg", "e", 10)
+        stored["objects"].append(evil.to_json())
+        cache.meta.put_listing(URL, stored)
+        cache.meta.put_listing("s3://photos/x\nforged listing/", stored)
+    offline = cli("ls", URL, "--offline", "--image-size", 32, 32, "--cache-dir", cache_dir)
+    assert offline.returncode == 0, offline.stderr
+    assert len(offline.stdout.splitlines()) == 24 + len(ODD_KEYS) + 2
+    assert "a\\ncached      1.0 KB  s3://photos/forged.jpg" in offline.stdout
+    info = cli("info", "--cache-dir", cache_dir)
+    assert "s3://photos/x\\nforged listing/" in info.stdout
+    assert not any(line.startswith("forged") for line in info.stdout.splitlines())
+
+    # verify names a damaged entry of such a key on one line.
+    key = cache_key(SMALL.fingerprint, evil)
+    with ArrayStore(cache_dir / "arrays") as store:
+        store.put(key, codec.encode_array(np.zeros((32, 32, 3), np.uint8)), tag=SMALL.fingerprint)
+    with contextlib.closing(sqlite3.connect(cache_dir / "arrays" / "cache.db")) as con, con:
+        con.execute("UPDATE Cache SET value = substr(value, 1, 100) WHERE key = ?", (key,))
+    found = cli("verify", "--cache-dir", cache_dir)
+    assert found.returncode == 1 and len(found.stdout.splitlines()) == 2, found.stdout
+    assert found.stdout.startswith(shown(key) + ": entry holds")
+
+    # An error message about such a key (warm meeting a denied object) stays one escaped line.
+    s3.configure(deny="rtl")
+    failed = cli("warm", URL, "--image-size", 16, 16, "--cache-dir", cache_dir, "--endpoint-url", s3.endpoint_url)
+    [error] = [line for line in failed.stderr.splitlines() if "error" in line]  # (the rest: the progress bar)
+    assert failed.returncode == 2 and error.startswith("s3cache: error: access denied to"), failed.stderr
+    assert "rtl\\u202egpj.exe.jpg" in error and "\u202e" not in failed.stderr
+
+
+def test_shown_escapes_what_would_forge_or_hide_output() -> None:
+    assert shown("s3://b/plain key.jpg") == "s3://b/plain key.jpg"
+    assert shown("s3://b/café/猫.jpg") == "s3://b/café/猫.jpg"
+    assert shown("a\nb\rc\td\x1be\x7ff\u202eg\u2028h\\i") == "a\\nb\\rc\\td\\x1be\\x7ff\\u202eg\\u2028h\\\\i"
+    assert shown("lone \udc80 surrogate") == "lone \\udc80 surrogate"
+
+
+def test_entries_written_after_clear_are_accounted_and_their_spec_recorded_again(
+    s3: LocalS3, bucket: str, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(arrays_module, "RECORD_CHECK_SECONDS", 3600.0)
+    recorded: list[str] = []
+    call = SpecRecords.__call__
+    monkeypatch.setattr(SpecRecords, "__call__", lambda self, tag: (recorded.append(tag), call(self, tag))[1])
+    ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, labels=None))
+    all_batches(ds)
+    assert recorded == []  # 24 writes, no spec check yet: at most one per RECORD_CHECK_SECONDS
+    ops.clear_cache(cache_dir)  # another process clears the cache while this one trains
+    assert ops.cache_info(cache_dir)["entries"] == 0
+
+    all_batches(ds)  # every image fetched and written again, under a spec that is no longer recorded
+    info = ops.cache_info(cache_dir)
+    assert info["specs"] == {} and info["entries"] == 24
+    assert info["unrecorded"] == {"entries": 24, "size_bytes": 24 * (32 * 32 * 3 + codec.HEADER_SIZE)}
+    assert main(["info", "--cache-dir", str(cache_dir)]) == 0
+
+    ds.loader.store.record_specs()  # what the next write after RECORD_CHECK_SECONDS (or closing) does
+    assert recorded == [SMALL.fingerprint]
+    info = ops.cache_info(cache_dir)
+    assert info["specs"][SMALL.fingerprint]["entries"] == 24 and info["unrecorded"]["entries"] == 0
+
+    ops.clear_cache(cache_dir)
+    monkeypatch.setattr(arrays_module, "RECORD_CHECK_SECONDS", 0.0)
+    ds.loader.store.record_specs()  # (the next check is due at once)
+    all_batches(ds)
+    assert ops.cache_info(cache_dir)["specs"][SMALL.fingerprint]["entries"] == 24
+    ds.close()
+
+
+def test_info_text_shows_unrecorded_entries(s3: LocalS3, bucket: str, cache_dir: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    warm(s3, cache_dir)
+    meta = MetaStore(cache_dir / "meta")
+    meta.delete_spec(SMALL.fingerprint)  # as `clear` while another process kept writing would leave it
+    meta.close()
+    assert main(["info", "--cache-dir", str(cache_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "specs:    none" in out and re.search(r"unrecorded .* 24 entries \(7\d\.\d KB\)", out), out

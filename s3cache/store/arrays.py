@@ -470,7 +470,6 @@ class ArrayStore:
         if not rows:
             return
         try:
-            self._writable()
             with self._connections.write_transaction() as con:
                 con.executemany("DELETE FROM Cache WHERE rowid = ?", [(rowid,) for rowid, _ in rows])
         except (OSError, sqlite3.Error) as exc:
@@ -579,11 +578,18 @@ class ArrayStore:
             if filename is not None:
                 self._cache.disk.remove(filename)
         if doomed or counters_wrong:
-            self._writable()
-            with self._connections.write_transaction() as con:
-                con.executemany("DELETE FROM Cache WHERE rowid = ?", [(rowid,) for rowid, _ in doomed])
-                con.execute("UPDATE Settings SET value = (SELECT COUNT(*) FROM Cache) WHERE key = 'count'")
-                con.execute("UPDATE Settings SET value = (SELECT COALESCE(SUM(size), 0) FROM Cache) WHERE key = 'size'")
+            # One small transaction on s3cache's own connection: far less to write than reopening diskcache.
+            try:
+                with self._connections.write_transaction() as con:
+                    con.executemany("DELETE FROM Cache WHERE rowid = ?", [(rowid,) for rowid, _ in doomed])
+                    con.execute("UPDATE Settings SET value = (SELECT COUNT(*) FROM Cache) WHERE key = 'count'")
+                    con.execute("UPDATE Settings SET value = (SELECT COALESCE(SUM(size), 0) FROM Cache)"
+                                " WHERE key = 'size'")
+            except (OSError, sqlite3.Error) as exc:
+                if is_disk_full(exc, self.directory):
+                    raise CacheFullError(f"cannot fix the cache in {self.directory.parent}: its file system is "
+                                         f"full ({exc}). Free some space, or run `s3cache clear`.") from exc
+                raise
         top = str(self.directory)
         for dirpath, _, _ in os.walk(top, topdown=False):
             if dirpath != top:
