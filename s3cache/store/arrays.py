@@ -36,6 +36,7 @@ from s3cache.errors import CacheError
 from s3cache.store.connection import Connections
 from s3cache.store.disk import (
     DATABASE_FILES,
+    DBNAME,
     SAFE_ROW,
     CacheFullError,
     DamagedStoreError,
@@ -47,6 +48,7 @@ from s3cache.store.disk import (
     is_value_file,
     open_diskcache,
     warn_writes_paused,
+    write_on_full_disk,
 )
 from s3cache.store.policy import DISKCACHE_POLICY, EvictionPolicy, LeastRecentlyUsed
 from s3cache.store.recency import RESOLUTION, RecencyLog
@@ -578,18 +580,16 @@ class ArrayStore:
             if filename is not None:
                 self._cache.disk.remove(filename)
         if doomed or counters_wrong:
-            # One small transaction on s3cache's own connection: far less to write than reopening diskcache.
-            try:
-                with self._connections.write_transaction() as con:
-                    con.executemany("DELETE FROM Cache WHERE rowid = ?", [(rowid,) for rowid, _ in doomed])
-                    con.execute("UPDATE Settings SET value = (SELECT COUNT(*) FROM Cache) WHERE key = 'count'")
-                    con.execute("UPDATE Settings SET value = (SELECT COALESCE(SUM(size), 0) FROM Cache)"
-                                " WHERE key = 'size'")
-            except (OSError, sqlite3.Error) as exc:
-                if is_disk_full(exc, self.directory):
-                    raise CacheFullError(f"cannot fix the cache in {self.directory.parent}: its file system is "
-                                         f"full ({exc}). Free some space, or run `s3cache clear`.") from exc
-                raise
+
+            def write(con: sqlite3.Connection) -> None:
+                con.executemany("DELETE FROM Cache WHERE rowid = ?", [(rowid,) for rowid, _ in doomed])
+                con.execute("UPDATE Settings SET value = (SELECT COUNT(*) FROM Cache) WHERE key = 'count'")
+                con.execute("UPDATE Settings SET value = (SELECT COALESCE(SUM(size), 0) FROM Cache) WHERE key = 'size'")
+
+            # No connection of ours may hold the database (they reopen on demand).
+            self._connections.close()
+            self._cache.close()
+            write_on_full_disk(self.directory / DBNAME, write)
         top = str(self.directory)
         for dirpath, _, _ in os.walk(top, topdown=False):
             if dirpath != top:

@@ -22,13 +22,13 @@ from s3cache.errors import CacheError
 from s3cache.store.arrays import ArrayStore, Problem
 from s3cache.store.disk import (
     DBNAME,
-    ReadOnlyCache,
     SafeCache,
     database_damage,
     is_value_file,
     open_diskcache,
     read_setting,
     rebuild_store,
+    write_on_full_disk,
 )
 from s3cache.store.meta import MetaStore
 
@@ -269,10 +269,9 @@ def _verify_meta(meta: SafeCache, fix: bool) -> list[Problem]:
         for _, filename in doomed:
             if filename is not None:
                 meta.disk.remove(filename)  # first: room on a full disk
-        writable = meta.writable() if isinstance(meta, ReadOnlyCache) else meta
-        with writable.transact():
-            for rowid, _ in doomed:
-                writable._sql("DELETE FROM Cache WHERE rowid = ?", (rowid,))
+        meta.close()  # (reopened on demand) no connection of ours may hold the database
+        write_on_full_disk(Path(meta.directory, DBNAME), lambda con: con.executemany(
+            "DELETE FROM Cache WHERE rowid = ?", [(rowid,) for rowid, _ in doomed]))
     return problems
 
 

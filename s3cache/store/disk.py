@@ -520,14 +520,21 @@ def open_diskcache(directory: Path, *, private: bool = True, **settings: Any) ->
         DamagedStoreError: The database is damaged.
         CacheError: The store cannot be created or opened.
     """
+    cache = SafeCache.__new__(SafeCache)
     try:
-        cache = SafeCache(str(directory), disk=SafeDisk, statistics=False, **settings)
+        cache.__init__(str(directory), disk=SafeDisk, statistics=False, **settings)  # type: ignore[misc]
     except (OSError, sqlite3.Error) as exc:
+        with contextlib.suppress(Exception):
+            cache.close()  # the connection of a half-done open would hold its locks until collected
         if is_disk_full(exc, directory) and (directory / DBNAME).is_file():
             log.info("opening %s read-only: %s", directory, exc)
+            read_only = ReadOnlyCache.__new__(ReadOnlyCache)
             try:
-                return ReadOnlyCache(directory, private)
+                read_only.__init__(directory, private)  # type: ignore[misc]
+                return read_only
             except (OSError, sqlite3.Error) as again:
+                with contextlib.suppress(Exception):
+                    read_only.close()
                 exc = again
         if isinstance(exc, sqlite3.DatabaseError) and is_damaged(exc):
             raise CacheError(
@@ -542,6 +549,46 @@ def open_diskcache(directory: Path, *, private: bool = True, **settings: Any) ->
         ) from exc
     cache.disk.private = private
     return cache
+
+
+# -- writes that must work on a full disk -------------------------------------------------------------------------
+
+
+def write_on_full_disk(database: Path, write: Callable[[sqlite3.Connection], None]) -> None:
+    """Run ``write`` in one transaction; if the file system is full, run it again without the WAL index.
+
+    A WAL database's writers share a 32 KB index file (``-shm``) that a full file system may not
+    have room for. Locked for one connection alone (``locking_mode = EXCLUSIVE``), SQLite keeps
+    that index in memory, and a small transaction (deleting rows, after their value files made
+    room) fits where a normal one does not. That needs no other connection to the database.
+
+    Raises:
+        CacheFullError: It does not fit either way.
+    """
+    for exclusive in (False, True):
+        con = sqlite3.connect(database, timeout=5 if exclusive else 60, isolation_level=None)
+        try:
+            if exclusive:
+                con.execute("PRAGMA locking_mode = EXCLUSIVE")
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                write(con)
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        con.execute("ROLLBACK")
+                raise
+            return
+        except (OSError, sqlite3.Error) as exc:
+            if not is_disk_full(exc, database.parent):
+                raise
+            if exclusive:
+                raise CacheFullError(f"cannot write to the cache database {database}: its file system is full "
+                                     f"({exc}). Free some space, or run `s3cache clear`.") from exc
+            log.info("writing %s again, locked exclusively: %s", database, exc)
+        finally:
+            con.close()
 
 
 # -- whole-database checks and rebuilds -------------------------------------------------------------------------
