@@ -6,15 +6,16 @@ None of them imports Keras or TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
-from s3cache.errors import NotCachedError
+from s3cache.errors import CacheError, NotCachedError, S3CacheError
 from s3cache.items import Item
 from s3cache.keys import cache_key
 from s3cache.listing import list_online, listing_name, resolve_items, stored_items
@@ -138,7 +139,7 @@ def cache_info(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any
     Raises:
         CacheError: There is no cache in the directory, or it is damaged or not trusted.
     """
-    with _open_existing(cache_dir) as cache:
+    with _open_existing(cache_dir) as cache, _damaged_metadata(cache):
         keys = set(cache.arrays.keys())
         usage = cache.arrays.usage()
         recorded = cache.meta.specs()
@@ -244,7 +245,7 @@ def clear_cache(
     """
     if spec is not None and url is not None:
         raise ValueError("give a spec or a url to clear, not both")
-    with _open_existing(cache_dir) as cache:
+    with _open_existing(cache_dir) as cache, _damaged_metadata(cache):
         if spec is not None:
             return _clear_spec(cache, spec)
         if url is not None:
@@ -263,6 +264,18 @@ def clear_cache(
 def _open_existing(cache_dir: str | os.PathLike[str] | None) -> CacheDirectory:
     """Open a cache that must already exist: inspecting commands never create one."""
     return CacheConfig.create(cache_dir).open_cache(must_exist=True)
+
+
+@contextlib.contextmanager
+def _damaged_metadata(cache: CacheDirectory) -> Iterator[None]:
+    """Name the repair when a metadata record does not parse (damaged, or not written by s3cache)."""
+    try:
+        yield
+    except ValueError as exc:
+        if isinstance(exc, S3CacheError):
+            raise
+        raise CacheError(f"a record in the cache metadata {cache.path / 'meta'} is damaged ({exc}). Run "
+                         f"`s3cache verify --fix --cache-dir {cache.path}` to remove it.") from exc
 
 
 def _marked(items: Sequence[Item], spec: ImageSpec, cache: CacheDirectory) -> list[tuple[Item, bool]]:

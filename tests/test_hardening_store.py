@@ -153,6 +153,17 @@ def plant_everywhere(cache_dir: Path, tmp_path: Path, victim: Path) -> tuple[lis
     return markers, real_key
 
 
+def test_a_metadata_record_that_is_not_json_names_the_repair(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
+    warm(s3, cache_dir)
+    plant(cache_dir / "meta" / "cache.db", "spec/0123456789abcdef", 1, 1, value=b"\x80 not json")
+    info = cli("info", "--cache-dir", cache_dir)
+    assert info.returncode == 2 and "is damaged" in info.stderr and "s3cache verify --fix" in info.stderr
+    found = cli("verify", "--cache-dir", cache_dir)
+    assert found.returncode == 1 and found.stdout.startswith("spec/0123456789abcdef: metadata is not JSON")
+    assert cli("verify", "--fix", "--cache-dir", cache_dir).returncode == 0
+    assert ops.cache_info(cache_dir)["entries"] == 24
+
+
 def test_planted_pickles_never_run_through_info_verify_clear_or_reads(
     s3: LocalS3, bucket: str, photos: list[tuple[str, bytes]], cache_dir: Path, tmp_path: Path
 ) -> None:
