@@ -340,15 +340,19 @@ class SafeCache(diskcache.Cache):
             return _checked_setting(key, super().reset(key, value, update))
         return super().reset(key, _checked_setting(key, value), update)
 
-    @_guarded
     def iterkeys(self, reverse: bool = False) -> Iterator[str]:
         """Keys of rows in s3cache's form, in key order (one query per 1000 keys)."""
         order, compare = ("DESC", "<") if reverse else ("ASC", ">")
         last: str | None = None
         while True:
             after = "" if last is None else f" AND key {compare} ?"
-            rows = self._sql(f"SELECT key FROM Cache WHERE {SAFE_ROW}{after} ORDER BY key {order} LIMIT 1000",
-                             () if last is None else (last,)).fetchall()
+            try:
+                rows = self._sql(f"SELECT key FROM Cache WHERE {SAFE_ROW}{after} ORDER BY key {order} LIMIT 1000",
+                                 () if last is None else (last,)).fetchall()
+            except sqlite3.DatabaseError as exc:
+                if is_damaged(exc):
+                    raise DamagedStoreError(self.directory, exc) from exc
+                raise
             if not rows:
                 return
             for (key,) in rows:
