@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         # One line, whatever the message holds: scripts and logs read it as a single record.
         message = _cli_advice(" ".join(str(exc).split()), args.command) or type(exc).__name__
-        print(f"s3cache: error: {message}", file=sys.stderr)
+        print(f"s3cache: error: {shown(message)}", file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -141,13 +141,14 @@ def _warm(args: argparse.Namespace) -> int:
         print(f"s3cache: interrupted: {progress.stored} new arrays stored in this run, {progress.hits} were already "
               "cached; everything stored stays usable. Run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"{report.url}: {report.total} images, {report.hits} already cached, {report.fetched} fetched "
+    print(f"{shown(report.url)}: {report.total} images, {report.hits} already cached, {report.fetched} fetched "
           f"({_size(report.bytes_fetched)}), {report.failed} failed, {report.seconds:.1f} s "
-          f"-> {report.cache_dir} (spec {report.fingerprint})")
+          f"-> {shown(report.cache_dir)} (spec {report.fingerprint})")
     if progress.failed_urls:
-        shown = ", ".join(progress.failed_urls[:FAILED_SHOWN])
+        failed = ", ".join(shown(url) for url in progress.failed_urls[:FAILED_SHOWN])
         more = len(progress.failed_urls) - FAILED_SHOWN
-        print(f"failed (not decodable images, remembered as such): {shown}" + (f" and {more} more" if more > 0 else ""))
+        print(f"failed (not decodable images, remembered as such): {failed}"
+              + (f" and {more} more" if more > 0 else ""))
     return 0
 
 
@@ -159,17 +160,23 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     limit = info["size_limit_bytes"]
-    print(f"directory  {info['directory']}")
+    print(f"directory  {shown(info['directory'])}")
     print(f"size       {_size(info['size_bytes'])} of {_size(limit)} limit "
           f"({_percent(info['size_bytes'] / limit if limit else 0)})")
     print(f"entries    {info['entries']}")
     print("specs:" if info["specs"] else "specs:    none")
     for fingerprint, spec in info["specs"].items():
-        print(f"  {fingerprint}  {_describe_spec(spec['description']):40} {spec['entries']} entries")
+        print(f"  {shown(fingerprint)}  {_describe_spec(spec['description']):40} {spec['entries']} entries "
+              f"({_size(spec['size_bytes'])})")
+    unrecorded = info["unrecorded"]
+    if unrecorded["entries"]:
+        print(f"  unrecorded        {'(spec record missing; `s3cache clear` removes them)':40} "
+              f"{unrecorded['entries']} entries ({_size(unrecorded['size_bytes'])})")
     print("listings:" if info["listings"] else "listings: none")
     for row in info["listings"]:
-        under = f" (spec {row['spec']})" if row["spec"] else ""
-        print(f"  {row['url']}  {row['objects']} objects, {row['cached']} cached ({_percent(row['fraction'])}){under}")
+        under = f" (spec {shown(row['spec'])})" if row["spec"] else ""
+        cached = f"{row['cached']} cached ({_percent(row['fraction'])})"
+        print(f"  {shown(row['url'])}  {row['objects']} objects, {cached}{under}")
     return 0
 
 
@@ -182,7 +189,7 @@ def _ls(args: argparse.Namespace) -> int:
     rows = list_objects(args.url, image_size=args.image_size, **_spec_kwargs(args), cache_dir=args.cache_dir,
                         storage_options=_storage_options(args), offline=args.offline)
     for item, cached in rows:
-        print(f"{'cached' if cached else '-':7} {_size(item.size):>9}  {item.url}")
+        print(f"{'cached' if cached else '-':7} {_size(item.size):>9}  {shown(item.url)}")
     cached_count = sum(cached for _, cached in rows)
     total_bytes = sum(item.size for item, _ in rows)
     print(f"{len(rows)} objects ({_size(total_bytes)}): {cached_count} cached, {len(rows) - cached_count} not cached")
@@ -194,7 +201,8 @@ def _verify(args: argparse.Namespace) -> int:
 
     problems = verify_cache(args.cache_dir, fix=args.fix)
     for problem in problems:
-        print(f"{problem.key}: {problem.reason}")
+        action = f" -> {shown(problem.action)}" if args.fix and problem.action else ""
+        print(f"{shown(problem.key)}: {shown(problem.reason)}{action}")
     if not problems:
         print("no problems found")
         return 0
@@ -213,11 +221,11 @@ def _clear(args: argparse.Namespace) -> int:
     directory = CacheConfig.create(args.cache_dir).cache_dir
     what = (f"spec {args.spec}" if args.spec else f"listing {args.url} and its arrays" if args.url
             else "every cached array, listing and spec")
-    if not args.yes and not _confirm(f"remove {what} from {directory}?"):
+    if not args.yes and not _confirm(shown(f"remove {what} from {directory}?")):
         print("nothing removed")
         return EXIT_DECLINED
     removed = clear_cache(args.cache_dir, spec=args.spec, url=args.url)
-    print(f"removed {what}: {removed} arrays")
+    print(shown(f"removed {what}: {removed} arrays"))
     return 0
 
 
@@ -416,9 +424,28 @@ def _confirm(question: str) -> bool:
 
 
 def _describe_spec(description: dict[str, Any]) -> str:
-    height, width = description["image_size"]
-    flags = [name for name in ("crop_to_aspect_ratio", "pad_to_aspect_ratio") if description[name]]
-    return " ".join([f"{height}x{width}", description["color_mode"], description["interpolation"], *flags])
+    try:
+        height, width = description["image_size"]
+        flags = [name for name in ("crop_to_aspect_ratio", "pad_to_aspect_ratio") if description[name]]
+        text = " ".join([f"{height}x{width}", description["color_mode"], description["interpolation"], *flags])
+    except (KeyError, TypeError, ValueError):
+        return "(unreadable spec record)"
+    return shown(text)
+
+
+def shown(text: object) -> str:
+    r"""Text that prints as one line and as itself: control, format and separator characters escaped.
+
+    Keys, URLs and paths come from S3 and from the cache, and may hold a newline that would forge
+    an output line, or terminal escape sequences. Each such character is written as Python writes
+    it in a string literal (``\n``, ``\x1b``, ``\u202e``), and a backslash as ``\\``, so
+    every shown string reads back unambiguously.
+    """
+    text = str(text)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(char if char.isprintable() and char != "\\" else char.encode("unicode_escape").decode("ascii")
+                   for char in text)
 
 
 def _size(count: float) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from s3cache.source.base import DEFAULT_BYTES_IN_FLIGHT, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_OBJECT_SIZE
-from s3cache.store.directory import CacheDirectory
+from s3cache.store.directory import CacheDirectory, trust_shared_from_env
 
 if TYPE_CHECKING:
     from s3cache.items import Item
@@ -71,6 +71,9 @@ class CacheConfig:
         max_bytes_in_flight: Most listed bytes of objects being fetched and decoded at once, per process.
         fetch_timeout: Seconds each attempt at an S3 request may take; an object's GET gets this plus
             one second per MiB of its size.
+        trust_shared_cache: Accept a cache directory that someone else owns or that group or
+            others can write (a team cache); by default such a directory is refused, since it could
+            hold planted entries. Default: ``$S3CACHE_TRUST_SHARED``.
     """
 
     cache_dir: Path
@@ -82,6 +85,7 @@ class CacheConfig:
     max_object_size: int | None = DEFAULT_MAX_OBJECT_SIZE
     max_bytes_in_flight: int = DEFAULT_BYTES_IN_FLIGHT
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
+    trust_shared_cache: bool = False
 
     @classmethod
     def create(
@@ -96,6 +100,7 @@ class CacheConfig:
         max_object_size: int | str | None = DEFAULT_MAX_OBJECT_SIZE,
         max_bytes_in_flight: int | str = DEFAULT_BYTES_IN_FLIGHT,
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
+        trust_shared_cache: bool | None = None,
     ) -> CacheConfig:
         """Resolve defaults (``$S3CACHE_DIR``, else ``~/.cache/s3cache``) and check the values.
 
@@ -114,12 +119,19 @@ class CacheConfig:
             raise ValueError("max_object_size and max_bytes_in_flight must be positive")
         if not fetch_timeout > 0:
             raise ValueError(f"fetch_timeout must be positive, got {fetch_timeout}")
+        trust = trust_shared_from_env() if trust_shared_cache is None else bool(trust_shared_cache)
         return cls(directory, limit, dict(storage_options or {}), offline, on_error, concurrency, largest, in_flight,
-                   float(fetch_timeout))
+                   float(fetch_timeout), trust)
 
     def open_cache(self, *, must_exist: bool = False) -> CacheDirectory:
-        """Open the cache directory's stores (creating them unless ``must_exist``)."""
-        return CacheDirectory(self.cache_dir, self.size_limit, must_exist=must_exist)
+        """Open the cache directory's stores (creating them unless ``must_exist``).
+
+        Raises:
+            CacheError: No cache there (with ``must_exist``), a directory someone else owns or can
+                write (unless :attr:`trust_shared_cache`), or it cannot be opened.
+        """
+        return CacheDirectory(self.cache_dir, self.size_limit, must_exist=must_exist,
+                              trust_shared=self.trust_shared_cache)
 
     def open_source(self, items: Sequence[Item] = ()) -> Source | None:
         """The S3 source, or ``None`` offline.
@@ -148,7 +160,7 @@ class CacheConfig:
         from s3cache.loader import Loader
 
         cache = self.open_cache()
-        cache.meta.put_spec(spec.fingerprint, spec.to_dict())
-        cache.meta.close()  # the loader needs the arrays only
+        # Recorded now, and again by the array store if `s3cache clear` removes the record meanwhile.
+        cache.record_spec(spec.fingerprint, spec.to_dict())
         return Loader(spec, cache.arrays, self.open_source(items), on_error=self.on_error,
                       max_object_size=self.max_object_size, max_bytes_in_flight=self.max_bytes_in_flight)

@@ -6,22 +6,23 @@ None of them imports Keras or TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
-from s3cache.errors import NotCachedError
+from s3cache.errors import CacheError, NotCachedError, S3CacheError
 from s3cache.items import Item
-from s3cache.keys import cache_key, fingerprint_of
+from s3cache.keys import cache_key
 from s3cache.listing import list_online, listing_name, resolve_items, stored_items
 from s3cache.loader import FillProgress, Loader
 from s3cache.spec import ImageSpec
 from s3cache.store import MetaStore, Problem
-from s3cache.store.directory import CacheDirectory
+from s3cache.store.directory import CacheDirectory, verify_directory
 
 __all__ = ["Problem", "WarmReport", "cache_info", "clear_cache", "list_objects", "verify_cache", "warm"]
 
@@ -111,7 +112,7 @@ def warm(
         items = resolve_items(url, cache.meta, source)
         if on_listed:
             on_listed(len(items))
-        cache.meta.put_spec(spec.fingerprint, spec.to_dict())
+        cache.record_spec(spec.fingerprint, spec.to_dict())
         loader = Loader(spec, cache.arrays, source)
         try:
             loader.fill(items, count)
@@ -124,21 +125,28 @@ def warm(
 def cache_info(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Describe a cache: location, size, limit, specs and how much of each stored listing is cached.
 
+    Works on a full file system (the cache is then read as it is).
+
     Returns:
         A JSON-ready dict with ``directory``, ``entries``, ``size_bytes``, ``size_limit_bytes``,
-        ``specs`` (fingerprint -> ``{"description": <spec fields>, "entries": n}``) and ``listings``:
+        ``specs`` (fingerprint -> ``{"description": <spec fields>, "entries": n, "size_bytes": b}``),
+        ``unrecorded`` (``{"entries": n, "size_bytes": b}``: entries under no recorded spec, such as
+        those a running writer stored after ``clear`` removed its spec record) and ``listings``:
         one row ``{"url", "spec", "objects", "cached", "fraction"}`` per stored listing and spec
         holding at least one of its objects, or a single row with ``spec: None`` and nothing cached
         when no spec holds any.
 
     Raises:
-        CacheError: There is no cache in the directory.
+        CacheError: There is no cache in the directory, or it is damaged or not trusted.
     """
-    with _open_existing(cache_dir) as cache:
+    with _open_existing(cache_dir) as cache, _damaged_metadata(cache):
         keys = set(cache.arrays.keys())
-        per_spec = Counter(fingerprint_of(key) for key in keys)
-        specs = {fingerprint: {"description": description, "entries": per_spec.get(fingerprint, 0)}
-                 for fingerprint, description in sorted(cache.meta.specs().items())}
+        usage = cache.arrays.usage()
+        recorded = cache.meta.specs()
+        specs = {fingerprint: {"description": description, "entries": usage.get(fingerprint, (0, 0))[0],
+                               "size_bytes": usage.get(fingerprint, (0, 0))[1]}
+                 for fingerprint, description in sorted(recorded.items())}
+        unrecorded = [counts for fingerprint, counts in usage.items() if fingerprint not in recorded]
         fingerprints = _current_fingerprints(cache.meta)
         listings = [row for name in cache.meta.listing_names()
                     for row in _listing_rows(cache.meta, name, fingerprints, keys)]
@@ -148,6 +156,7 @@ def cache_info(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any
             "size_bytes": cache.arrays.volume(),
             "size_limit_bytes": cache.arrays.size_limit,
             "specs": specs,
+            "unrecorded": {"entries": sum(n for n, _ in unrecorded), "size_bytes": sum(b for _, b in unrecorded)},
             "listings": listings,
         }
 
@@ -192,20 +201,25 @@ def list_objects(
 
 
 def verify_cache(cache_dir: str | os.PathLike[str] | None = None, fix: bool = False) -> list[Problem]:
-    """Check every entry's header, length and checksum, and the database against the value files.
+    """Check both databases of a cache, every entry's form, header, length and checksum, and the value files.
+
+    Works on a full file system: the cache is then read as it is, and fixing removes files before
+    it writes to a database.
 
     Args:
         cache_dir: The cache directory.
-        fix: Remove damaged entries and repair database/file mismatches.
+        fix: Remove damaged entries and unknown files, repair database/file mismatches, and rebuild
+            a damaged database empty (arrays are fetched from S3 again, listings listed again).
 
     Returns:
-        The problems found (before any fixing).
+        The problems found (before any fixing); ``Problem.action`` says when a database was rebuilt.
 
     Raises:
-        CacheError: There is no cache in the directory.
+        CacheError: There is no cache in the directory, it is not trusted, or fixing needs to
+            write and its file system is full.
     """
-    with _open_existing(cache_dir) as cache:
-        return cache.arrays.verify(fix=fix)
+    config = CacheConfig.create(cache_dir)
+    return verify_directory(config.cache_dir, fix, trust_shared=config.trust_shared_cache)
 
 
 def clear_cache(
@@ -222,14 +236,16 @@ def clear_cache(
         The number of array entries removed. Without ``spec`` and ``url``, listings and spec
         records are removed as well.
 
+    Works on a full file system: value files are removed before the database is changed.
+
     Raises:
-        CacheError: There is no cache in the directory.
+        CacheError: There is no cache in the directory, or it is damaged or not trusted.
         NotCachedError: The spec or listing is not in the cache.
         ValueError: Both ``spec`` and ``url`` were given.
     """
     if spec is not None and url is not None:
         raise ValueError("give a spec or a url to clear, not both")
-    with _open_existing(cache_dir) as cache:
+    with _open_existing(cache_dir) as cache, _damaged_metadata(cache):
         if spec is not None:
             return _clear_spec(cache, spec)
         if url is not None:
@@ -248,6 +264,18 @@ def clear_cache(
 def _open_existing(cache_dir: str | os.PathLike[str] | None) -> CacheDirectory:
     """Open a cache that must already exist: inspecting commands never create one."""
     return CacheConfig.create(cache_dir).open_cache(must_exist=True)
+
+
+@contextlib.contextmanager
+def _damaged_metadata(cache: CacheDirectory) -> Iterator[None]:
+    """Name the repair when a metadata record does not parse (damaged, or not written by s3cache)."""
+    try:
+        yield
+    except ValueError as exc:
+        if isinstance(exc, S3CacheError):
+            raise
+        raise CacheError(f"a record in the cache metadata {cache.path / 'meta'} is damaged ({exc}). Run "
+                         f"`s3cache verify --fix --cache-dir {cache.path}` to remove it.") from exc
 
 
 def _marked(items: Sequence[Item], spec: ImageSpec, cache: CacheDirectory) -> list[tuple[Item, bool]]:

@@ -29,14 +29,15 @@ def access_times(directory: Path) -> dict[str, float]:
 
 
 def test_codec_round_trip_and_damage_detection() -> None:
-    data = codec.encode_array(ENTRY)
-    np.testing.assert_array_equal(codec.decode(data), ENTRY)
-    assert codec.decode(codec.encode_failure("bad")) == codec.Failure("bad")
+    data = codec.encode_array(ENTRY, key="k")
+    np.testing.assert_array_equal(codec.decode(data, "k"), ENTRY)
+    assert codec.decode(codec.encode_failure("bad", key="k"), "k") == codec.Failure("bad")
+    assert codec.bind(codec.encode_array(ENTRY), "k") == data  # bound later by the store: the same bytes
     flipped = bytearray(data)
     flipped[1000] ^= 0xFF
     for damaged in (bytes(flipped), data[:-1], data[:10], b"PK" + data[2:]):
         with pytest.raises(codec.CorruptEntryError):
-            codec.decode(damaged)
+            codec.decode(damaged, "k")
 
 
 def test_parse_size() -> None:

@@ -8,6 +8,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from s3cache.store.disk import connect_readonly
+
 
 class Connections:
     """Read-only connections (one per thread) and one shared write connection to a database.
@@ -22,16 +24,25 @@ class Connections:
         self._all_readers: list[sqlite3.Connection] = []
         self._write_lock = threading.Lock()
         self._writer: sqlite3.Connection | None = None
+        self._generation = 0
 
     def reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection (SQLite connections belong to one thread)."""
+        """This thread's read-only connection (SQLite connections belong to one thread).
+
+        On a full file system it may read the database file without the WAL index
+        (:func:`~s3cache.store.disk.connect_readonly`); :meth:`refresh_readers` replaces such
+        connections once space is back.
+        """
         con: sqlite3.Connection | None = getattr(self._readers, "con", None)
-        if con is None:
-            uri = self.path.absolute().as_uri() + "?mode=ro"
-            con = self._readers.con = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None,
-                                                      check_same_thread=False)
+        if con is None or self._readers.generation != self._generation:
+            con = self._readers.con = connect_readonly(self.path)
+            self._readers.generation = self._generation
             self._all_readers.append(con)
         return con
+
+    def refresh_readers(self) -> None:
+        """Make every thread open a new read-only connection on its next read."""
+        self._generation += 1
 
     @contextlib.contextmanager
     def write_transaction(self) -> Iterator[sqlite3.Connection]:
@@ -45,10 +56,13 @@ class Connections:
             con.execute("BEGIN IMMEDIATE")
             try:
                 yield con
+                con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                # A failed COMMIT (a full disk) may leave the transaction open: end it either way.
+                if con.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        con.execute("ROLLBACK")
                 raise
-            con.execute("COMMIT")
 
     def close(self) -> None:
         """Close the writer and every reader."""
