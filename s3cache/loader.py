@@ -425,17 +425,17 @@ class Loader:
         reading.add_done_callback(on_read)
 
     def _decode_and_store(self, item: Item, key: str, payload: Payload) -> _Result:
-        entry: Entry
-        try:
-            entry = self.spec.decode(payload.data, item.url)
-            encoded = codec.encode_array(entry)
-        except DecodeError as exc:
-            entry = codec.Failure(str(exc))
-            encoded = codec.encode_failure(entry.message)
-            log.info("cannot decode %s: %s", item.url, exc)
         # Keyed by the ETag actually read: if the object changed since listing, this is its new version,
         # and this loader looks the listed item up there from now on.
         stored_key = self.key(item, payload.etag)
+        entry: Entry
+        try:
+            entry = self.spec.decode(payload.data, item.url)
+            encoded = codec.encode_array(entry, key=stored_key)  # bound now: no second checksum pass
+        except DecodeError as exc:
+            entry = codec.Failure(str(exc))
+            encoded = codec.encode_failure(entry.message, key=stored_key)
+            log.info("cannot decode %s: %s", item.url, exc)
         if stored_key != key:
             log.info("%s changed since it was listed (ETag %s listed, %s read): serving the version read",
                      item.url, item.etag, payload.etag)

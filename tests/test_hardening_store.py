@@ -389,7 +389,7 @@ def test_codec_binds_entries_to_keys_in_one_swappable_checksum(monkeypatch: pyte
     old[4] = 1  # a version 1 entry (unbound checksum) from an older s3cache
     with pytest.raises(codec.CorruptEntryError, match="format version 1"):
         codec.decode(bytes(old), "a")
-    assert codec.FORMAT_VERSION == 2
+    assert codec.FORMAT_VERSION == 3
 
     # Every entry is checked through codec.checksum alone: replacing it changes what is written and accepted.
     monkeypatch.setattr(codec, "checksum", lambda key, header, payload: len(key) + len(payload))

@@ -122,8 +122,11 @@ class S3Source:
         import s3fs
 
         options = dict(self.storage_options)
+        # Checksums only where S3 requires them: validating every response's CRC costs client CPU per
+        # GET, and each entry carries its own checksum from the moment it is decoded.
         config = {"max_pool_connections": max(self.concurrency * 2, 10),
-                  "retries": {"total_max_attempts": 1}, "connect_timeout": 10, "read_timeout": 60}
+                  "retries": {"total_max_attempts": 1}, "connect_timeout": 10, "read_timeout": 60,
+                  "request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
         config.update(options.pop("config_kwargs", None) or {})
         fs = s3fs.S3FileSystem(**options, config_kwargs=config, skip_instance_cache=True,
                                use_listings_cache=False, max_concurrency=1)
