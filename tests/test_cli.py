@@ -233,6 +233,7 @@ def test_ctrl_c_during_warm_keeps_what_was_stored(s3: LocalS3, bucket: str, cach
     assert (again.hits, again.fetched) == (entries, 24 - entries)
 
 
+@pytest.mark.slow
 def test_demo_runs_to_completion() -> None:
     result = run_cli("demo", "--images", 24, "--epochs", 1, "--image-size", 32, 32, env=aws_env(None), timeout=240)
     assert result.returncode == 0, result.stderr
