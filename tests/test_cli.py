@@ -235,6 +235,7 @@ def test_ctrl_c_during_warm_keeps_what_was_stored(s3: LocalS3, bucket: str, cach
     assert (again.hits, again.fetched) == (entries, 24 - entries)
 
 
+@pytest.mark.slow
 def test_demo_reports_loading_apart_from_training(tmp_path: Path) -> None:
     env = aws_env(None) | {"S3CACHE_DIR": str(tmp_path / "demo-cache")}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # as a user runs it: the demo quiets TensorFlow itself

@@ -76,6 +76,7 @@ def test_shuffle_reorders_each_epoch_reproducibly(s3: LocalS3, bucket: str, cach
     assert sorted(first[0]) == sorted(first[1])
 
 
+@pytest.mark.slow
 def test_cache_is_shared_across_processes_and_keyed_by_spec(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
     all_batches(s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir)))
     s3.reset_stats()

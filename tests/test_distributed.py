@@ -99,6 +99,7 @@ def test_to_tf_dataset_has_shapes_and_reads_through_the_cache(s3: LocalS3, bucke
     assert ds.stats["hits"] == 24 and ds.epoch == 2
 
 
+@pytest.mark.slow
 def test_two_multiworker_workers_train_on_disjoint_shards(s3: LocalS3, bucket: str, tmp_path: Path) -> None:
     workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     script = WORKER_SCRIPT.format(url=URL, options=s3.storage_options)

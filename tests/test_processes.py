@@ -13,6 +13,8 @@ import s3cache
 from s3cache.store import ArrayStore
 from s3cache.testing.locals3 import LocalS3
 
+pytestmark = pytest.mark.slow  # Keras worker processes and two training subprocesses
+
 URL = "s3://photos/train/"
 
 TRAIN_SCRIPT = """

@@ -242,6 +242,7 @@ def verify_and_repair(cache_dir: Path) -> int:
     return len(verify.stdout.splitlines()) - 1
 
 
+@pytest.mark.slow
 def test_sigkill_mid_warm_leaves_a_consistent_cache(
     s3: LocalS3, bucket: str, photos: list[tuple[str, bytes]], cache_dir: Path
 ) -> None:
@@ -309,6 +310,7 @@ def run_together(commands: list[list[str]], tmp_path: Path) -> list[subprocess.C
     return results
 
 
+@pytest.mark.slow
 def test_concurrent_processes_share_one_cache(
     s3: LocalS3, bucket: str, photos: list[tuple[str, bytes]], cache_dir: Path, tmp_path: Path
 ) -> None:
