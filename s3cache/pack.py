@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -133,6 +134,7 @@ def pack(
     progress: Callable[[PackProgress], None] | None = None,
     *,
     part_size: int | str = DEFAULT_PART_SIZE,
+    seed: int | None = 0,
 ) -> PackReport:
     """Pack every image object of a prefix (or a list of object URLs) into tar shards with an index.
 
@@ -148,6 +150,10 @@ def pack(
         concurrency: Most GETs in flight.
         progress: Called after each object written.
         part_size: Bytes per multipart part (at least 5 MiB).
+        seed: Members are spread over the shards in an order shuffled with this seed, so that every shard
+            holds a sample of the whole dataset (its classes mixed), and a first epoch that reads a few
+            shards at a time still sees every class; ``None`` keeps key order. A rerun with the same seed
+            plans the same shards.
 
     Returns:
         A :class:`PackReport`.
@@ -164,8 +170,10 @@ def pack(
     root, entries, skipped = _list_source(reader, source)
     existing = _recover(writer, root, entries)
     claimed = existing.claimed
-    plans = _plan([entry for entry in entries if entry.name not in claimed], limit,
-                  {_number(part) for part in existing.kept})
+    todo = [entry for entry in entries if entry.name not in claimed]
+    if seed is not None:
+        random.Random(seed).shuffle(todo)
+    plans = _plan(todo, limit, {_number(part) for part in existing.kept})
     stale = _stale(existing, plans)
     if (plans or stale) and INDEX_NAME in existing.listed:
         writer.delete([INDEX_NAME])
