@@ -12,9 +12,10 @@ import numpy as np
 from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
 from s3cache.dataset import S3ImageDataset
 from s3cache.labels import labels_for
-from s3cache.listing import resolve_items
+from s3cache.listing import require_cached, resolve_items, run_key
 from s3cache.sharding import resolve_shard, shard_slice
 from s3cache.spec import ImageSpec
+from s3cache.stats import warn_if_larger_than_cache
 
 LABEL_MODES = ("int", "categorical", "binary", None)
 SUBSETS = ("training", "validation", "both")
@@ -37,7 +38,7 @@ def image_dataset_from_s3(
     pad_to_aspect_ratio: bool = False,
     dtype: str = "float32",
     cache_dir: str | os.PathLike[str] | None = None,
-    cache_size_limit: int | str | None = "10GB",
+    cache_size_limit: int | str | None = None,
     offline: bool = False,
     on_error: str = "raise",
     storage_options: dict[str, Any] | None = None,
@@ -73,7 +74,9 @@ def image_dataset_from_s3(
         pad_to_aspect_ratio: Pad to the target aspect ratio before resizing.
         dtype: ``"float32"`` or ``"uint8"`` batches (values 0-255 either way).
         cache_dir: Cache directory; default ``$S3CACHE_DIR``, else ``~/.cache/s3cache``.
-        cache_size_limit: Size limit of the cached arrays: bytes, or a string like ``"500MB"``.
+        cache_size_limit: Size limit of the cached arrays: bytes, or a string like ``"500MB"``. It is
+            the cache's own: ``None`` keeps the stored limit (10 GB for a new cache); a value
+            replaces it, for every process using the cache, and evicts down to it at once.
         offline: Never contact S3: use the stored listing and the cached arrays.
         on_error: ``"raise"`` or ``"skip"`` (with a warning) for objects that cannot be decoded.
         storage_options: Options for ``s3fs.S3FileSystem`` (``endpoint_url``, ``anon``, ``key``, ...).
@@ -91,7 +94,8 @@ def image_dataset_from_s3(
 
     Raises:
         EmptyListingError: The prefix holds no image objects.
-        NotCachedError: Offline, without a stored listing for ``directory``.
+        NotCachedError: Offline, and the cache lacks the listing of ``directory`` or some of its
+            arrays (the error names them and says how many).
         S3CacheError: S3 could not be listed (missing bucket, denied, no credentials, unreachable).
         ValueError: Inconsistent arguments.
     """
@@ -102,6 +106,9 @@ def image_dataset_from_s3(
     shard_index, shard_count = resolve_shard(shard)
     with config.open_cache() as cache:
         items = resolve_items(directory, cache.meta, config.open_source())
+        if offline:
+            require_cached(items, spec.fingerprint, cache.arrays)
+        warn_if_larger_than_cache(items, spec, cache.arrays)
     label_array, names = labels_for(items, directory, labels, class_names)
     if isinstance(labels, str):  # inferred: items outside every class folder are left out, as in Keras
         keep = label_array >= 0
@@ -124,6 +131,7 @@ def image_dataset_from_s3(
             spec, config, label_mode=label_mode if labels is not None else None, batch_size=batch_size,
             shuffle=shuffle, seed=seed, dtype=dtype, steps_per_epoch=math.ceil(largest_shard / batch_size),
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
+            run=run_key(spec.fingerprint, directory),
         )
 
     if not validation_split:

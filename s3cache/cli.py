@@ -130,6 +130,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"directory  {info['directory']}")
     print(f"size       {_size(info['size_bytes'])} of {_size(limit)} limit "
           f"({info['size_bytes'] / limit if limit else 0:.0%})")
+    print(f"limit      {_size(limit)}, kept in the cache for every process (change it with "
+          "`s3cache warm --cache-size-limit` or cache_size_limit=)")
     print(f"entries    {info['entries']}")
     print("specs:" if info["specs"] else "specs:    none")
     for fingerprint, spec in info["specs"].items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -14,6 +15,7 @@ from s3cache.config import CacheConfig
 from s3cache.items import Item
 from s3cache.loader import Loader
 from s3cache.spec import ImageSpec
+from s3cache.stats import StatsRecorder, new_stats_id, prune_stats, read_stats, stats_directory
 
 DTYPES = ("float32", "uint8")
 
@@ -39,6 +41,9 @@ class S3ImageDataset(keras.utils.PyDataset):
             picks enough to keep the S3 connections busy (none with ``use_multiprocessing``).
         steps_per_epoch: Batches per epoch of :meth:`to_tf_dataset` (default ``len(self)``): the
             largest shard's count, so that every worker of a sharded run takes as many steps.
+        run: The cache's name for this run (:func:`s3cache.listing.run_key`): the cache keeps the
+            entries of the current run rather than cycling through a dataset larger than itself.
+            Default: derived from the spec and the items.
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` for ``PyDataset``.
     """
 
@@ -57,6 +62,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         dtype: str = "float32",
         readahead: int | None = None,
         steps_per_epoch: int | None = None,
+        run: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -78,7 +84,11 @@ class S3ImageDataset(keras.utils.PyDataset):
             readahead = 0 if self.use_multiprocessing else max(2, math.ceil(2 * config.concurrency / batch_size))
         self.readahead = readahead
         self.steps_per_epoch = steps_per_epoch or len(self)
+        self.run = run or _default_run(spec, self.items)
         self.epoch = 0
+        self._stats_id = new_stats_id()
+        self._recorder: StatsRecorder | None = None
+        prune_stats(config.cache_dir)
         self._order = self._epoch_order(0)
         self._last_index: int | None = None
         self._loader: Loader | None = None
@@ -95,6 +105,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         loader = self.loader
         arrays = loader.load(self._batch_items(index))
         loader.prefetch(self._readahead_items(index))
+        self._record(loader)
         kept = [i for i, array in enumerate(arrays) if array is not None]
         images = np.empty((len(kept), *self.spec.shape), dtype=self.dtype)
         for slot, i in enumerate(kept):
@@ -104,6 +115,11 @@ class S3ImageDataset(keras.utils.PyDataset):
         positions = self._order[index * self.batch_size: (index + 1) * self.batch_size][kept]
         return images, self._encode_labels(self.labels[positions])
 
+    def on_epoch_begin(self) -> None:
+        """Check whether another dataset used the cache since (so this epoch's reads refresh recency)."""
+        if self._loader is not None and self._loader_pid == os.getpid():
+            self._loader.store.recency.refresh()
+
     def on_epoch_end(self) -> None:
         """Reshuffle for the next epoch and write back cache recency."""
         self.epoch += 1
@@ -112,6 +128,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.drop_prefetched()
             self._loader.store.recency.flush_soon()
+            self._loader.store.recency.refresh()
 
     # -- public extras ----------------------------------------------------------------------------
 
@@ -126,11 +143,13 @@ class S3ImageDataset(keras.utils.PyDataset):
         return len(self.class_names or ())
 
     @property
-    def stats(self) -> dict[str, int]:
-        """This process's counters: ``hits``, ``misses``, ``skipped``, ``s3_requests``, ``s3_bytes``, ``retries``."""
-        if self._loader is None or self._loader_pid != os.getpid():
-            return {"hits": 0, "misses": 0, "skipped": 0, "s3_requests": 0, "s3_bytes": 0, "retries": 0}
-        return self._loader.stats
+    def stats(self) -> dict[str, Any]:
+        """Counters of every process and thread serving this dataset (Keras workers included).
+
+        ``hits``, ``misses``, ``skipped``, ``s3_requests``, ``s3_bytes``, ``retries`` and
+        ``hit_rate`` over all epochs, and ``epochs``: the same per epoch (see :func:`s3cache.stats.read_stats`).
+        """
+        return read_stats(stats_directory(self.config.cache_dir, self._stats_id))
 
     @property
     def loader(self) -> Loader:
@@ -138,13 +157,18 @@ class S3ImageDataset(keras.utils.PyDataset):
         if self._loader is None or self._loader_pid != os.getpid():
             self._loader = self.config.open_loader(self.spec)
             self._loader_pid = os.getpid()
+            self._loader.store.begin_run(self.run)
+            self._recorder = StatsRecorder(stats_directory(self.config.cache_dir, self._stats_id))
         return self._loader
 
     def close(self) -> None:
         """Release threads and flush recency (the dataset reopens them if used again)."""
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.close()
+            if self._recorder is not None:
+                self._recorder.close()
         self._loader = None
+        self._recorder = None
 
     def to_tf_dataset(self) -> Any:
         """This dataset as a ``tf.data.Dataset`` of batches with known shapes, reading through the cache.
@@ -178,10 +202,15 @@ class S3ImageDataset(keras.utils.PyDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_loader"], state["_loader_pid"] = None, -1
+        state["_loader"], state["_loader_pid"], state["_recorder"] = None, -1, None
         return state
 
     # -- internals ----------------------------------------------------------------------------------
+
+    def _record(self, loader: Loader) -> None:
+        """Write this process's counters for the current epoch (one ``pwrite``)."""
+        if self._recorder is not None:
+            self._recorder.record(self.epoch, loader.stats)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -210,3 +239,9 @@ class S3ImageDataset(keras.utils.PyDataset):
         if self.label_mode == "binary":
             return labels.astype("float32").reshape(-1, 1)
         return np.eye(self.num_classes, dtype="float32")[labels]
+
+
+def _default_run(spec: ImageSpec, items: Sequence[Item]) -> str:
+    """A run key for a dataset built without one: its spec and its items."""
+    digest = hashlib.sha256("\n".join(item.url for item in items).encode()).hexdigest()[:16]
+    return f"{spec.fingerprint}:items:{digest}"

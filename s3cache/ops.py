@@ -17,7 +17,7 @@ from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
 from s3cache.errors import NotCachedError
 from s3cache.items import Item
 from s3cache.keys import cache_key, fingerprint_of
-from s3cache.listing import list_online, listing_name, resolve_items, stored_items
+from s3cache.listing import list_online, listing_name, resolve_items, run_key, stored_items
 from s3cache.loader import FillProgress, Loader
 from s3cache.spec import ImageSpec
 from s3cache.store import MetaStore, Problem
@@ -112,6 +112,7 @@ def warm(
         if on_listed:
             on_listed(len(items))
         cache.meta.put_spec(spec.fingerprint, spec.to_dict())
+        cache.arrays.begin_run(run_key(spec.fingerprint, url))  # the same run as training on this prefix
         loader = Loader(spec, cache.arrays, source)
         try:
             loader.fill(items, count)

@@ -4,9 +4,13 @@
   pickled, nothing read back is unpickled.
 * Reads do not write: a batch of keys is one ``SELECT`` on a per-thread read-only connection, and
   reads are noted for recency (:class:`~s3cache.store.recency.RecencyLog`), written back later.
+* The size limit is the store's, kept in its database: ``size_limit=None`` keeps it, a value
+  replaces it and evicts down to it at once. Every process reads the stored limit again before
+  admitting or evicting, so all processes sharing the store keep to the latest one set.
 * ``size_limit`` is soft in diskcache (each ``set`` culls at most ``cull_limit`` rows, ``cull``
   ten at a time), so ``cull_limit`` is 0 and :meth:`ArrayStore.cull`, called after writes, deletes
-  just enough rows chosen by the eviction policy to get back under the limit.
+  just enough rows chosen by the eviction policy to get back under the limit. A new entry that
+  does not fit is stored only if the policy admits it (:mod:`s3cache.store.policy`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import numpy as np
 from s3cache import codec
 from s3cache.store.connection import Connections
 from s3cache.store.disk import UnsafeEntryError, open_diskcache
-from s3cache.store.policy import DISKCACHE_POLICY, EvictionPolicy, LeastRecentlyUsed
-from s3cache.store.recency import RESOLUTION, RecencyLog
+from s3cache.store.policy import DISKCACHE_POLICY, EvictionPolicy, KeepCurrentRun
+from s3cache.store.recency import Generation, RecencyLog
 
 DEFAULT_SIZE_LIMIT = 10 * 10**9
 # Keys per SELECT, under SQLite's limit on bound parameters.
@@ -65,9 +69,10 @@ class ArrayStore:
     Args:
         directory: The store's directory (``<cache_dir>/arrays``); its parent must exist.
         size_limit: Upper bound for the arrays, in bytes; ``None`` keeps the stored limit
-            (:data:`DEFAULT_SIZE_LIMIT` for a new store).
-        recency_resolution: Seconds within which a read does not refresh an entry's recency again.
-        policy: Chooses what an eviction removes (default: least recently used).
+            (:data:`DEFAULT_SIZE_LIMIT` for a new store). A value replaces the stored limit, and the
+            store is evicted down to it at once.
+        policy: Chooses what an eviction removes and whether a full store admits a new entry
+            (default: :class:`~s3cache.store.policy.KeepCurrentRun`).
 
     Raises:
         CacheError: The store cannot be created or opened.
@@ -77,7 +82,6 @@ class ArrayStore:
         self,
         directory: str | os.PathLike[str],
         size_limit: int | None = None,
-        recency_resolution: float = RESOLUTION,
         policy: EvictionPolicy | None = None,
     ) -> None:
         self.directory = Path(directory)
@@ -88,15 +92,21 @@ class ArrayStore:
             settings["size_limit"] = DEFAULT_SIZE_LIMIT
         self._cache = open_diskcache(self.directory, **settings)
         self._connections = Connections(self.directory / "cache.db")
-        self.recency = RecencyLog(self._connections, recency_resolution)
-        self.policy = policy or LeastRecentlyUsed()
+        self.recency = RecencyLog(self._connections)
+        self.policy: EvictionPolicy = policy or KeepCurrentRun()
+        if size_limit is not None:
+            self.cull()
+
+    def begin_run(self, run: str) -> Generation:
+        """Read and store on behalf of a run (see :mod:`s3cache.store.recency`): its entries stay."""
+        return self.recency.begin(run)
 
     # -- reading ------------------------------------------------------------------------------------
 
     @property
     def size_limit(self) -> int:
-        """The store's size limit in bytes."""
-        return int(self._cache.size_limit)
+        """The store's size limit in bytes, as last set by any process."""
+        return int(self._cache.reset("size_limit"))
 
     def get(self, key: str) -> Entry | None:
         """Read one entry (see :meth:`get_many`)."""
@@ -171,8 +181,25 @@ class ArrayStore:
     # -- writing ------------------------------------------------------------------------------------
 
     def put(self, key: str, entry: bytes, tag: str) -> bool:
-        """Store an encoded entry unless another writer stored it first; returns whether it wrote."""
-        return bool(self._cache.add(key, entry, tag=tag))
+        """Store an encoded entry, stamped with the run's generation; returns whether it wrote.
+
+        Nothing is written if another writer stored the key first, or if the entry does not fit
+        and the policy does not admit it (the caller still has the array it serves).
+        """
+        if not self.admits(len(entry)):
+            return False
+        gen = self.recency.stamp().gen
+        with self._cache.transact():
+            if not self._cache.add(key, entry, tag=tag):
+                return False
+            self._cache._sql("UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", (gen, key))
+        return True
+
+    def admits(self, size: int) -> bool:
+        """Whether an entry of ``size`` bytes would be stored now: it fits, or the policy can make room."""
+        if self._cache.volume() + size <= self.size_limit:
+            return True
+        return self.policy.admits(self._connections.reader(), self.recency.current)
 
     def cull(self) -> int:
         """Evict entries chosen by the policy until the store is within its size limit.
@@ -184,7 +211,7 @@ class ArrayStore:
         while (excess := self._cache.volume() - self.size_limit) > 0:
             self.recency.flush()
             with self._connections.write_transaction() as con:
-                victims = self.policy.victims(con, excess)
+                victims = self.policy.victims(con, excess, self.recency.current)
                 con.executemany("DELETE FROM Cache WHERE rowid = ?", [(v.rowid,) for v in victims])
             if not victims:
                 break
