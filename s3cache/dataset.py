@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import multiprocessing.util
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -127,7 +129,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         self._last_index = None
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.drop_prefetched()
-            self._loader.store.recency.flush_soon()
+            self._loader.store.recency.flush()  # before another dataset may evict by it
             self._loader.store.recency.refresh()
 
     # -- public extras ----------------------------------------------------------------------------
@@ -159,6 +161,8 @@ class S3ImageDataset(keras.utils.PyDataset):
             self._loader_pid = os.getpid()
             self._loader.store.begin_run(self.run)
             self._recorder = StatsRecorder(stats_directory(self.config.cache_dir, self._stats_id))
+            # Keras worker processes end without closing anything: write back their last reads as they exit.
+            multiprocessing.util.Finalize(self._loader, _flush_quietly, (self._loader.store.recency,), exitpriority=10)
         return self._loader
 
     def close(self) -> None:
@@ -239,6 +243,12 @@ class S3ImageDataset(keras.utils.PyDataset):
         if self.label_mode == "binary":
             return labels.astype("float32").reshape(-1, 1)
         return np.eye(self.num_classes, dtype="float32")[labels]
+
+
+def _flush_quietly(recency: Any) -> None:
+    """Write back noted reads at exit, unless the cache is gone by then."""
+    with contextlib.suppress(Exception):
+        recency.flush()
 
 
 def _default_run(spec: ImageSpec, items: Sequence[Item]) -> str:

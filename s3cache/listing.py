@@ -17,17 +17,16 @@ import concurrent.futures
 import hashlib
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from s3cache.errors import EmptyListingError, NotCachedError, S3CacheError
+from s3cache.errors import AccessDeniedError, EmptyListingError, NotCachedError
 from s3cache.items import Item
 from s3cache.keys import cache_key
 from s3cache.source import Source
 from s3cache.store import ArrayStore, MetaStore
-from s3cache.urls import is_image_key, prefix_of, split_url
+from s3cache.urls import prefix_of, split_url
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +206,7 @@ def resolve_url_list(urls: Sequence[str], source: Source) -> list[Item]:
     the next key not yet found (so gaps between the URLs are skipped, not listed). A chain gives up
     on listing as soon as its pages find fewer than :data:`URLS_PER_PAGE` of its URLs each, and the
     rest of its URLs get one ``HEAD`` each, as do short lists, sources that cannot list a range,
-    URLs a listing did not find (the ``HEAD`` reports them) and chains whose listing is refused
+    URLs a listing did not find (the ``HEAD`` reports them) and chains whose listing is denied
     (a bucket policy may allow reading objects but not listing them).
 
     Raises:
@@ -248,7 +247,7 @@ def resolve_url_list(urls: Sequence[str], source: Source) -> list[Item]:
 
 def _list_chain(source: RangeLister, bucket: str, keys: list[str]) -> tuple[str, list[Item], list[str]]:
     """List the key range of sorted ``keys``; returns the bucket, the items found and the keys left for HEAD."""
-    prefix = os.path.commonprefix([keys[0], keys[-1]])
+    prefix = _common_prefix(keys[0], keys[-1])  # S3 prefixes are strings, not paths
     found: list[Item] = []
     unlisted: list[str] = []
     index = pages = 0
@@ -260,8 +259,8 @@ def _list_chain(source: RangeLister, bucket: str, keys: list[str]) -> tuple[str,
         start_after = max(keys[index][:-1], last)
         try:
             page, more = source.list_page(bucket, prefix, start_after)
-        except S3CacheError as exc:
-            log.info("listing s3://%s/%s failed (%s); resolving its %d URLs by HEAD", bucket, prefix, exc,
+        except AccessDeniedError as exc:  # a policy may allow reading objects but not listing them
+            log.info("listing s3://%s/%s was refused (%s); resolving its %d URLs by HEAD", bucket, prefix, exc,
                      len(keys) - index)
             break
         pages += 1
@@ -277,3 +276,13 @@ def _list_chain(source: RangeLister, bucket: str, keys: list[str]) -> tuple[str,
                 found.append(item)
             index += 1
     return bucket, found, unlisted + keys[index:]
+
+
+def _common_prefix(first: str, last: str) -> str:
+    """The longest string both start with."""
+    length = 0
+    for a, b in zip(first, last, strict=False):
+        if a != b:
+            break
+        length += 1
+    return first[:length]

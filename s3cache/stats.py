@@ -30,6 +30,7 @@ import keras
 from s3cache import codec
 from s3cache.items import Item
 from s3cache.keys import cache_key
+from s3cache.store.policy import footprint
 
 if TYPE_CHECKING:
     from s3cache.dataset import S3ImageDataset
@@ -41,11 +42,7 @@ COUNTERS = ("hits", "misses", "skipped", "s3_requests", "s3_bytes", "retries")
 _RECORD = struct.Struct("<8q")
 # Stats of datasets untouched for this long are removed when another dataset is built.
 KEEP_SECONDS = 7 * 24 * 3600
-# SQLite bytes per cached entry besides its value and key (row header, the key, tag and access_time
-# index entries); values under diskcache's 32 KB threshold live in 4 KB pages, larger ones in files.
-_ROW_BYTES = 160
 _PAGE = 4096
-_INLINE_BELOW = 2**15
 
 
 class CacheTooSmallWarning(UserWarning):
@@ -173,15 +170,18 @@ class CacheStatsCallback(keras.callbacks.Callback):
         self._shown = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        """Note which of the dataset's epochs this is."""
         self._epoch = self.dataset.epoch  # the dataset's own count: it may have served epochs before fit
         self._shown = 0.0
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """Show the epoch's numbers so far in the progress bar (at most every ``every_seconds``)."""
         if logs is not None and time.monotonic() - self._shown >= self.every_seconds:
             self._shown = time.monotonic()
             logs.update(self._logs())
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        """Put the epoch's numbers into its logs (and so into ``History``)."""
         if logs is not None:
             logs.update(self._logs())
 
@@ -198,12 +198,7 @@ class CacheStatsCallback(keras.callbacks.Callback):
 def cache_bytes_needed(items: Sequence[Item], spec: ImageSpec) -> int:
     """About how many bytes of the cache the arrays of ``items`` take at ``spec`` (as the size limit counts them)."""
     value = math.prod(spec.shape) + codec.HEADER_SIZE
-    total = 0
-    for item in items:
-        row = _ROW_BYTES + 3 * len(cache_key(spec.fingerprint, item))
-        total += _PAGE * math.ceil((value + row) / (_PAGE - 4)) if _INLINE_BELOW > value > _PAGE // 4 \
-            else value + row
-    return total
+    return sum(footprint(value, len(cache_key(spec.fingerprint, item))) for item in items)
 
 
 def warn_if_larger_than_cache(items: Sequence[Item], spec: ImageSpec, arrays: ArrayStore,

@@ -18,6 +18,7 @@ The default, :class:`KeepCurrentRun`, is an LRU between runs that keeps what the
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Iterable
 from typing import NamedTuple, Protocol
@@ -39,11 +40,46 @@ diskcache.core.EVICTION_POLICY.setdefault(
 # Most rows one eviction round looks at (each round is one transaction).
 CULL_ROWS = 256
 
-_COLUMNS = "rowid, filename, MAX(size, IFNULL(LENGTH(value), 0))"
+_COLUMNS = "rowid, filename, MAX(size, IFNULL(LENGTH(value), 0)), LENGTH(key)"
+_Row = tuple[int, str | None, int, int]
+
+# How SQLite (4 KB pages) stores an entry's row: values under diskcache's 32 KB threshold live in the
+# row, larger ones in a file. A row's payload is its value, its key and about 40 bytes of other
+# columns; its index entries (key, tag, access_time) take about 56 bytes plus the key.
+_PAGE = 4096
+INLINE_BELOW = 2**15
+_ROW_BYTES = 40
+_INDEX_BYTES = 56
+_FILE_ROW_BYTES = 80
+_MAX_LOCAL = _PAGE - 35
+_MIN_LOCAL = (_PAGE - 12) * 32 // 255 - 23
+
+
+def footprint(value: int, key: int) -> int:
+    """Bytes one entry adds to the store's volume: its row's share of leaf pages, overflow pages, index entries.
+
+    Args:
+        value: Bytes of the stored value.
+        key: Characters of its key.
+    """
+    index = _INDEX_BYTES + key
+    if value >= INLINE_BELOW:
+        return value + _FILE_ROW_BYTES + key + index
+    payload = value + key + _ROW_BYTES
+    overflow = 0
+    local = payload
+    if payload > _MAX_LOCAL:  # SQLite keeps part of the payload in the leaf and the rest in overflow pages
+        local = _MIN_LOCAL + (payload - _MIN_LOCAL) % (_PAGE - 4)
+        if local > _MAX_LOCAL:
+            local = _MIN_LOCAL
+        overflow = math.ceil((payload - local) / (_PAGE - 4))
+        local += 4
+    per_leaf = max(1, (_PAGE - 8) // (local + 4))
+    return math.ceil(_PAGE / per_leaf) + overflow * _PAGE + index
 
 
 class Victim(NamedTuple):
-    """A row chosen for eviction."""
+    """A row chosen for eviction, and about how many bytes of the store's volume removing it frees."""
 
     rowid: int
     filename: str | None
@@ -100,7 +136,7 @@ class KeepCurrentRun:
         return chosen
 
     @staticmethod
-    def _evictable(con: sqlite3.Connection, current: Generation, limit: int) -> Iterable[tuple[int, str | None, int]]:
+    def _evictable(con: sqlite3.Connection, current: Generation, limit: int) -> Iterable[_Row]:
         """Rows not protected for the current run, least recently used first.
 
         In order: rows stamped before the floor (last used before another run's latest use); rows
@@ -118,13 +154,18 @@ class KeepCurrentRun:
             (current.floor, current.run, limit))
 
 
-def _cover(excess: int, rows: Iterable[tuple[int, str | None, int]]) -> list[Victim]:
-    """The first rows whose sizes add up to at least ``excess`` (all of them if they do not)."""
+def _cover(excess: int, rows: Iterable[_Row]) -> list[Victim]:
+    """The first rows whose footprints add up to at least ``excess`` (all of them if they do not).
+
+    Weighing rows by what removing them frees, not by their values' length, keeps an eviction from
+    removing a third more entries than the limit asks for (a 3 KB array takes a whole 4 KB page).
+    """
     chosen: list[Victim] = []
     covered = 0
-    for row in rows:
+    for rowid, filename, size, key in rows:
         if covered >= excess or len(chosen) >= CULL_ROWS:
             break
-        chosen.append(Victim(*row))
-        covered += row[2]
+        freed = footprint(size, key or 0)
+        chosen.append(Victim(rowid, filename, freed))
+        covered += freed
     return chosen
