@@ -228,7 +228,8 @@ class S3ImageDataset(keras.utils.PyDataset):
         since the previous calls asked for the others.
         """
         sequential = self._last_index is not None and index == self._last_index + 1
-        first = index + self.readahead if sequential else index + 1
+        # Never the batch just served (readahead 0): with a full cache its misses would be fetched again.
+        first = index + max(self.readahead, 1) if sequential else index + 1
         self._last_index = index
         return [item for ahead in range(first, min(index + 1 + self.readahead, len(self)))
                 for item in self._batch_items(ahead)]

@@ -155,6 +155,10 @@ class CacheStatsCallback(keras.callbacks.Callback):
 
         model.fit(ds, epochs=5, callbacks=[s3cache.CacheStatsCallback(ds)])
 
+    Each ``fit`` epoch reports every dataset epoch not reported yet (see :attr:`S3ImageDataset.stats`),
+    so the first one includes the batches Keras reads before training starts, to learn the input
+    shapes (and what read-ahead fetched with them).
+
     Args:
         dataset: The training dataset.
         prefix: Prefix of the log names (``cache_hits``, ``cache_misses``, ``cache_hit_rate``).
@@ -166,12 +170,12 @@ class CacheStatsCallback(keras.callbacks.Callback):
         self.dataset = dataset
         self.prefix = prefix
         self.every_seconds = every_seconds
-        self._epoch = 0
+        self._first = self._epoch = dataset.epoch  # dataset epochs not reported yet: _first to _epoch
         self._shown = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         """Note which of the dataset's epochs this is."""
-        self._epoch = self.dataset.epoch  # the dataset's own count: it may have served epochs before fit
+        self._epoch = self.dataset.epoch  # Keras ends an epoch of its own before training, to learn shapes
         self._shown = 0.0
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
@@ -184,10 +188,11 @@ class CacheStatsCallback(keras.callbacks.Callback):
         """Put the epoch's numbers into its logs (and so into ``History``)."""
         if logs is not None:
             logs.update(self._logs())
+        self._first = self._epoch + 1
 
     def _logs(self) -> dict[str, float]:
-        epochs = self.dataset.stats["epochs"]
-        counts = epochs[self._epoch] if self._epoch < len(epochs) else _with_rate(dict.fromkeys(COUNTERS, 0))
+        epochs = self.dataset.stats["epochs"][self._first:self._epoch + 1]
+        counts = _with_rate({name: sum(epoch[name] for epoch in epochs) for name in COUNTERS})
         return {f"{self.prefix}hits": float(counts["hits"]), f"{self.prefix}misses": float(counts["misses"]),
                 f"{self.prefix}hit_rate": float(counts["hit_rate"])}
 
