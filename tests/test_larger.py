@@ -9,6 +9,7 @@ import bisect
 import hashlib
 import json
 import random
+import sqlite3
 import subprocess
 import sys
 import warnings
@@ -142,7 +143,7 @@ def test_lru_order_between_datasets_within_seconds(s3: LocalS3, bucket: str, cac
     assert gets_per_epoch(s3cache.image_dataset_from_s3(coffee, **options), s3, 1) == [4]
 
 
-def test_recency_costs_one_write_per_entry_per_run(tmp_path: Path) -> None:
+def test_recency_writes_only_entries_another_run_stamped(tmp_path: Path) -> None:
     from s3cache import codec
 
     entry = codec.encode_array(np.zeros((8, 8, 3), np.uint8))
@@ -164,9 +165,18 @@ def test_recency_costs_one_write_per_entry_per_run(tmp_path: Path) -> None:
         epoch()
     assert noted == []
     store.begin_run("b")
-    for _ in range(3):  # another dataset's epochs: each entry once, in its first epoch
+    for _ in range(3):  # a dataset sharing these images: each entry once, in its first epoch
         epoch()
     assert sorted(noted) == sorted(set(noted)) and len(noted) == 600
+    store.put("b-only", entry, tag="t")
+    store.begin_run("c")
+    store.put("c-only", entry, tag="t")
+    store.begin_run("b")  # b again after c: its entries become the newest with one row written, none per entry
+    epoch()
+    assert len(noted) == 600
+    order = [run for (run,) in sqlite3.connect(tmp_path / "arrays" / "cache.db").execute(
+        "SELECT run FROM S3cacheGeneration ORDER BY ord")]
+    assert order[-3:] == ["a", "c", "b"]
     store.close()
 
 

@@ -120,9 +120,9 @@ class ArrayStore:
         """
         rows = self._select(keys)
         entries = [self._entry(key, rows.get(key)) for key in keys]
-        stale_before = self.recency.stale_before()
+        stamp = self.recency.stamp_of_run()
         self.recency.note([rows[key].rowid for key, entry in zip(keys, entries, strict=True)
-                           if entry is not None and rows[key].access_time < stale_before])
+                           if entry is not None and rows[key].access_time != stamp])
         return entries
 
     def existing(self, keys: Sequence[str]) -> set[str]:

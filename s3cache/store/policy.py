@@ -5,7 +5,8 @@ but never writes on a ``get`` and never culls by itself (``cull_limit`` is 0). s
 ``access_time`` itself, as generations (:mod:`s3cache.store.recency`). The choices happen here,
 behind :class:`EvictionPolicy`, so that another policy can decide differently.
 
-The default, :class:`KeepCurrentRun`, is an LRU between runs that keeps what the current run holds:
+The default, :class:`KeepCurrentRun`, is an LRU between runs (datasets) that keeps what the current
+run holds:
 
 * Entries last used by other runs go first, those used longest ago first (an LRU between
   datasets and experiments).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Protocol
 
 import diskcache
@@ -107,8 +108,7 @@ class LeastRecentlyUsed:
 
     def victims(self, con: sqlite3.Connection, excess: int, current: Generation | None) -> list[Victim]:
         """The least recently used rows covering ``excess`` bytes, at most :data:`CULL_ROWS` per round."""
-        return _cover(excess, con.execute(f"SELECT {_COLUMNS} FROM Cache ORDER BY access_time LIMIT ?",
-                                          (CULL_ROWS,)))
+        return _cover(excess, _by_recency(con, None, CULL_ROWS))
 
 
 class KeepCurrentRun:
@@ -118,7 +118,9 @@ class KeepCurrentRun:
         """Whether some entry that is not the current run's can make room."""
         if current is None or not current.protect:
             return True
-        return any(True for _ in self._evictable(con, current, 1))
+        others = ("SELECT 1 FROM Cache WHERE access_time < ?1"
+                  " UNION ALL SELECT 1 FROM Cache WHERE access_time > ?1 LIMIT 1")
+        return con.execute(others, (current.gen,)).fetchone() is not None
 
     def victims(self, con: sqlite3.Connection, excess: int, current: Generation | None) -> list[Victim]:
         """Other runs' entries, least recently used first; the run's newest entries only as a last resort.
@@ -128,30 +130,28 @@ class KeepCurrentRun:
         """
         if current is None or not current.protect:
             return LeastRecentlyUsed().victims(con, excess, current)
-        chosen = _cover(excess, self._evictable(con, current, CULL_ROWS))
+        chosen = _cover(excess, _by_recency(con, current.gen, CULL_ROWS))
         if not chosen:
             chosen = _cover(excess, con.execute(
-                f"SELECT {_COLUMNS} FROM Cache WHERE access_time >= ? AND access_time < ?"
-                " ORDER BY access_time DESC, rowid DESC LIMIT ?", (current.floor, WALL_CLOCK, CULL_ROWS)))
+                f"SELECT {_COLUMNS} FROM Cache WHERE access_time = ? ORDER BY rowid DESC LIMIT ?",
+                (current.gen, CULL_ROWS)))
         return chosen
 
-    @staticmethod
-    def _evictable(con: sqlite3.Connection, current: Generation, limit: int) -> Iterable[_Row]:
-        """Rows not protected for the current run, least recently used first.
 
-        In order: rows stamped before the floor (last used before another run's latest use); rows
-        with a wall-clock stamp (written by something other than this version of s3cache, or by a
-        writer that died between storing and stamping); rows of other runs' generations since the
-        floor. Each query walks the ``access_time`` index.
-        """
-        yield from con.execute(f"SELECT {_COLUMNS} FROM Cache WHERE access_time < ? ORDER BY access_time LIMIT ?",
-                               (current.floor, limit))
-        yield from con.execute(f"SELECT {_COLUMNS} FROM Cache WHERE access_time >= ? ORDER BY access_time LIMIT ?",
-                               (WALL_CLOCK, limit))
-        yield from con.execute(
-            f"SELECT {_COLUMNS} FROM Cache WHERE access_time IN"
-            f" (SELECT gen FROM {GENERATIONS} WHERE gen >= ? AND run != ?) ORDER BY access_time LIMIT ?",
-            (current.floor, current.run, limit))
+def _by_recency(con: sqlite3.Connection, spared: int | None, limit: int) -> Iterator[_Row]:
+    """Rows least recently used first, except those of generation ``spared``.
+
+    First rows with a wall-clock stamp (written by something other than this version of s3cache),
+    then each generation's rows in the order of the generations' last use, oldest stored first
+    within one. Every query walks the ``access_time`` index; the generation table is small.
+    """
+    yield from con.execute(f"SELECT {_COLUMNS} FROM Cache WHERE access_time >= ? ORDER BY access_time LIMIT ?",
+                           (WALL_CLOCK, limit))
+    generations = [gen for (gen,) in con.execute(f"SELECT gen FROM {GENERATIONS} ORDER BY ord")]
+    for gen in generations:
+        if gen != spared:
+            yield from con.execute(f"SELECT {_COLUMNS} FROM Cache WHERE access_time = ? ORDER BY rowid LIMIT ?",
+                                   (gen, limit))
 
 
 def _cover(excess: int, rows: Iterable[_Row]) -> list[Victim]:

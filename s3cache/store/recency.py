@@ -1,33 +1,31 @@
-"""Read recency as a logical clock: generations handed out to runs, written back in batches.
+"""Read recency as a logical clock: one generation per run, ordered by last use, written back in batches.
 
-An entry's ``access_time`` column holds a *generation*, not a wall-clock time. Generations are
-integers from a counter in the database (the ``S3cacheGeneration`` table), so their order is the
-order in which runs used the cache, whatever the clocks and timings of the processes involved.
+An entry's ``access_time`` column holds a *generation*: the id of the run that last read or stored
+it. A *run* is one dataset being read: one :func:`~s3cache.image_dataset_from_s3` call (both subsets
+of a validation split) or one ``warm``, named by a run key derived from its spec and listing
+(:func:`s3cache.listing.run_key`). Keras worker threads and processes of a dataset, and any other
+process reading the same dataset, share its run key and so its generation.
 
-A *run* is one dataset being read: one :func:`~s3cache.image_dataset_from_s3` call (both subsets
-of a validation split), or one ``warm``, named by a run key derived from its spec and listing.
-Keras worker threads and processes of a dataset, and any other process reading the same
-dataset, share its run key. A run holds one generation at a time:
+Generations live in the ``S3cacheGeneration`` table, each with an ``ord``: a counter value that says
+when the run was last used, relative to the others. The LRU order of entries is the order of their
+generations' ``ord``, whatever the clocks and timings of the processes involved:
 
-* When a run starts (or re-checks, at every epoch boundary), it keeps its latest generation if no
-  other run has taken one since; otherwise it takes a new one from the counter.
-* Its *floor* is one above the latest generation of any other run. Entries stamped below the floor
-  were last used before some other run's latest use: reading one notes it, and the next flush
-  stamps it with the run's generation. Entries at or above the floor are already in the right
-  place, so reading them writes nothing.
+* When a run starts, and at every epoch boundary, it checks whether another run was used since its
+  own last use (a larger ``ord``). If so it takes the next ``ord``: one row written, and every entry
+  it holds becomes newer than every entry of the other runs.
+* Reading an entry stamped with another run's generation (datasets that share images) notes it;
+  the next flush stamps it with the reader's generation, in batched ``UPDATE`` statements on a
+  background thread. Entries a run stamped itself are never written again.
 
-So repeated epochs of one dataset write nothing at all; the first epoch after another dataset was
-read writes each entry back once, in batched ``UPDATE`` statements on a background thread. Dataset
-A read, then B, then A again leaves A's entries newer than B's, within seconds as within days.
-Stored entries are stamped with the run's generation in the transaction that stores them.
-
-Which entries an eviction removes is decided by :mod:`s3cache.store.policy`, from the generations.
+So repeated epochs of one dataset write nothing, and neither does reading dataset A again after B:
+A's entries become newer than B's with one row written. Stored entries are stamped in the
+transaction that stores them. Which entries an eviction removes is decided by
+:mod:`s3cache.store.policy`, from the generations and their order.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import sqlite3
 import threading
 import time
 import uuid
@@ -42,39 +40,37 @@ FLUSH_EVERY = 512
 CHUNK = 500
 # ``access_time`` values at or above this are wall-clock seconds (diskcache's own stamps), not generations.
 WALL_CLOCK = 1e8
-# Wall-clock stamps of a cache created before generations are divided by this on upgrade: they
-# land below generation 1, oldest first, in their old order.
-_LEGACY_SCALE = 1e10
+# Entries of a cache created before generations get this one, the oldest.
+LEGACY = 0
 
 GENERATIONS = "S3cacheGeneration"
 _SCHEMA = (
     f"CREATE TABLE IF NOT EXISTS {GENERATIONS} ("
-    " gen INTEGER PRIMARY KEY AUTOINCREMENT, run TEXT NOT NULL, taken REAL NOT NULL)",
-    f"CREATE INDEX IF NOT EXISTS {GENERATIONS}_run ON {GENERATIONS} (run, gen)",
+    " gen INTEGER PRIMARY KEY AUTOINCREMENT, run TEXT NOT NULL UNIQUE, ord INTEGER NOT NULL, taken REAL NOT NULL)",
+    f"CREATE INDEX IF NOT EXISTS {GENERATIONS}_ord ON {GENERATIONS} (ord)",
 )
 
 
 @dataclass(frozen=True)
 class Generation:
-    """The generation a run stamps entries with, and what it may evict.
+    """The generation a run stamps entries with, and whether evictions spare them.
 
     Attributes:
         run: The run key.
-        gen: The stamp given to entries this run reads or stores.
-        floor: One above the latest generation of any other run: entries stamped below it are
-            read by this run only after another run's use, and are noted when read.
-        protect: Whether evictions spare this run's entries (stamped ``>= floor`` with one of its
-            generations). Off for a store used without a run (plain LRU).
+        gen: The stamp of the entries this run reads or stores.
+        ord: When the run was last used, relative to the others (larger is more recent).
+        protect: Whether evictions spare this run's entries. Off for a store used without a run
+            (plain LRU).
     """
 
     run: str
     gen: int
-    floor: int
+    ord: int
     protect: bool
 
 
 class RecencyLog:
-    """Generations of the current run, and batched write-back of read recency.
+    """The current run's generation, and batched write-back of reads of other runs' entries.
 
     Args:
         connections: The database's connections.
@@ -104,83 +100,69 @@ class RecencyLog:
         return current
 
     def begin(self, run: str, *, protect: bool = True) -> Generation:
-        """Start (or continue) a run: keep its latest generation if no other run took one since, else take one.
+        """Start (or continue) a run: its generation, made the most recently used if another run was used since.
 
         Args:
-            run: The run key (see :func:`s3cache.listing.run_key`).
+            run: The run key.
             protect: Whether evictions spare the run's own entries.
         """
-        self.flush()  # what was read so far belongs to the previous generation
-        current = self._choose(run, protect)
+        self.flush()  # what was read so far belongs to the previous run
+        found = self.connections.reader().execute(
+            f"SELECT gen, ord, ord >= (SELECT MAX(ord) FROM {GENERATIONS}) FROM {GENERATIONS} WHERE run = ?",
+            (run,)).fetchone()
+        if found is not None and found[2]:
+            gen, order = int(found[0]), int(found[1])
+        else:
+            with self.connections.write_transaction() as con:
+                order = int(con.execute(f"SELECT IFNULL(MAX(ord), 0) + 1 FROM {GENERATIONS}").fetchone()[0])
+                row = con.execute(f"SELECT gen, ord FROM {GENERATIONS} WHERE run = ?", (run,)).fetchone()
+                if row is None:
+                    gen = int(con.execute(f"INSERT INTO {GENERATIONS} (run, ord, taken) VALUES (?, ?, ?)",
+                                          (run, order, time.time())).lastrowid or 0)
+                elif row[1] == order - 1:
+                    gen, order = int(row[0]), int(row[1])  # another process of the run did it meanwhile
+                else:
+                    gen = int(row[0])
+                    con.execute(f"UPDATE {GENERATIONS} SET ord = ?, taken = ? WHERE gen = ?", (order, time.time(), gen))
+        current = Generation(run, gen, order, protect)
         with self._lock:
             self._current = current
         return current
 
     def refresh(self) -> Generation | None:
-        """Re-check the run's generation (at epoch boundaries): take a new one if another run took one since.
+        """At an epoch boundary: make the run the most recently used again if another run was used since.
 
         Returns:
-            The (possibly new) generation, or ``None`` if no run began.
+            The run's generation, or ``None`` if no run began.
         """
         current = self._current
         if current is None:
             return None
-        latest = self._latest(current.run)
-        if latest == (current.gen, current.floor):
+        latest = self.connections.reader().execute(f"SELECT MAX(ord) FROM {GENERATIONS}").fetchone()[0]
+        if latest is not None and latest <= current.ord:
             return current
         return self.begin(current.run, protect=current.protect)
 
-    def _latest(self, run: str) -> tuple[int | None, int]:
-        """This run's latest generation (if it still leads) and its floor, read without writing."""
-        mine, other = self.connections.reader().execute(
-            f"SELECT MAX(CASE WHEN run = ?1 THEN gen END), MAX(CASE WHEN run != ?1 THEN gen END) FROM {GENERATIONS}",
-            (run,)).fetchone()
-        floor = (other or 0) + 1
-        return (mine if mine is not None and mine >= floor else None), floor
-
-    def _choose(self, run: str, protect: bool) -> Generation:
-        gen, floor = self._latest(run)
-        if gen is None:
-            with self.connections.write_transaction() as con:
-                mine, other = con.execute(
-                    f"SELECT MAX(CASE WHEN run = ?1 THEN gen END), MAX(CASE WHEN run != ?1 THEN gen END)"
-                    f" FROM {GENERATIONS}", (run,)).fetchone()
-                floor = (other or 0) + 1
-                if mine is not None and mine >= floor:
-                    gen = mine  # another process of this run took it meanwhile
-                else:
-                    gen = con.execute(f"INSERT INTO {GENERATIONS} (run, taken) VALUES (?, ?)",
-                                      (run, time.time())).lastrowid
-                    self._prune(con)
-        assert gen is not None
-        return Generation(run, int(gen), floor, protect)
-
-    @staticmethod
-    def _prune(con: sqlite3.Connection) -> None:
-        """Forget generations no entry holds any more, except each run's latest."""
-        con.execute(
-            f"DELETE FROM {GENERATIONS} WHERE gen < IFNULL((SELECT MIN(access_time) FROM Cache), 0)"
-            f" AND gen NOT IN (SELECT MAX(gen) FROM {GENERATIONS} GROUP BY run)")
-
     def _ensure_schema(self) -> None:
-        """Create the generation table; a cache from before it gets its wall-clock stamps below generation 1."""
-        found = self.connections.reader().execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (GENERATIONS,)).fetchone()
-        if found:
+        """Create the generation table; entries of a cache from before it get the oldest generation."""
+        exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        if self.connections.reader().execute(exists, (GENERATIONS,)).fetchone():
             return
         with self.connections.write_transaction() as con:
-            if con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (GENERATIONS,)).fetchone():
+            if con.execute(exists, (GENERATIONS,)).fetchone():
                 return
             for statement in _SCHEMA:
                 con.execute(statement)
-            con.execute("UPDATE Cache SET access_time = access_time / ? WHERE access_time >= 1", (_LEGACY_SCALE,))
+            con.execute(f"INSERT INTO {GENERATIONS} (gen, run, ord, taken) VALUES (?, 'legacy', 0, ?)",
+                        (LEGACY, time.time()))
+            con.execute("UPDATE Cache SET access_time = ?", (LEGACY,))
 
     # -- reads ----------------------------------------------------------------------------------
 
-    def stale_before(self) -> float:
-        """Rows stamped below this are noted when read (the run's floor; every row before a run began)."""
+    def stamp_of_run(self) -> int | None:
+        """The generation reads are stamped with: a read of an entry stamped otherwise is noted (``None``: all are)."""
         current = self._current
-        return current.floor if current is not None else WALL_CLOCK
+        return None if current is None else current.gen
 
     def note(self, rowids: Sequence[int]) -> None:
         """Note reads of rows; every :data:`FLUSH_EVERY`, write them back on the background thread."""
