@@ -105,9 +105,11 @@ class S3ImageDataset(keras.utils.PyDataset):
         if not 0 <= index < len(self):
             raise IndexError(f"batch index {index} out of range for {len(self)} batches")
         loader = self.loader
-        arrays = loader.load(self._batch_items(index))
-        loader.prefetch(self._readahead_items(index))
-        self._record(loader)
+        try:
+            arrays = loader.load(self._batch_items(index))
+            loader.prefetch(self._readahead_items(index))
+        finally:
+            self._record(loader)  # a batch that raised counted its misses and retries too
         kept = [i for i, array in enumerate(arrays) if array is not None]
         images = np.empty((len(kept), *self.spec.shape), dtype=self.dtype)
         for slot, i in enumerate(kept):
@@ -169,6 +171,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         """Release threads and flush recency (the dataset reopens them if used again)."""
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.close()
+            self._loader.store.close()  # no connection left to hold the database (or its WAL) open
             if self._recorder is not None:
                 self._recorder.close()
         self._loader = None

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -106,7 +107,19 @@ class ArrayStore:
     @property
     def size_limit(self) -> int:
         """The store's size limit in bytes, as last set by any process."""
-        return int(self._cache.reset("size_limit"))
+        return int(self._setting("size_limit"))
+
+    def _setting(self, name: str) -> int:
+        """A diskcache setting as stored now (read on this thread's own connection)."""
+        row = self._connections.reader().execute("SELECT value FROM Settings WHERE key = ?", (name,)).fetchone()
+        return int(row[0])
+
+    def _volume(self) -> int:
+        """:meth:`volume`, read on this thread's own connection (which :meth:`close` closes, whatever the thread)."""
+        con = self._connections.reader()
+        (pages,) = con.execute("PRAGMA page_count").fetchone()
+        (page_size,) = con.execute("PRAGMA page_size").fetchone()
+        return int(pages) * int(page_size) + self._setting("size")
 
     def get(self, key: str) -> Entry | None:
         """Read one entry (see :meth:`get_many`)."""
@@ -184,20 +197,26 @@ class ArrayStore:
         """Store an encoded entry, stamped with the run's generation; returns whether it wrote.
 
         Nothing is written if another writer stored the key first, or if the entry does not fit
-        and the policy does not admit it (the caller still has the array it serves).
+        and the policy does not admit it (the caller still has the array it serves). The row is
+        what diskcache's ``add`` writes (its triggers keep the count and size), inserted on the
+        store's own writer so that no thread keeps a connection open after :meth:`close`.
         """
         if not self.admits(len(entry)):
             return False
         gen = self.recency.stamp().gen
-        with self._cache.transact():
-            if not self._cache.add(key, entry, tag=tag):
-                return False
-            self._cache._sql("UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", (gen, key))
-        return True
+        size, mode, filename, value = self._cache.disk.store(entry, False, key=key)
+        with self._connections.write_transaction() as con:
+            written = con.execute(
+                "INSERT OR IGNORE INTO Cache (key, raw, store_time, expire_time, access_time, access_count, tag,"
+                " size, mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, ?, ?, ?, ?, ?)",
+                (key, time.time(), gen, tag, size, mode, filename, value)).rowcount == 1
+        if not written and filename:
+            self._cache.disk.remove(filename)
+        return written
 
     def admits(self, size: int) -> bool:
         """Whether an entry of ``size`` bytes would be stored now: it fits, or the policy can make room."""
-        if self._cache.volume() + size <= self.size_limit:
+        if self._volume() + size <= self.size_limit:
             return True
         return self.policy.admits(self._connections.reader(), self.recency.current)
 
@@ -208,7 +227,7 @@ class ArrayStore:
             The number of entries removed.
         """
         removed = 0
-        while (excess := self._cache.volume() - self.size_limit) > 0:
+        while (excess := self._volume() - self.size_limit) > 0:
             self.recency.flush()
             with self._connections.write_transaction() as con:
                 victims = self.policy.victims(con, excess, self.recency.current)
