@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -104,17 +105,20 @@ def _warm(args: argparse.Namespace) -> int:
     progress = _WarmProgress()
     try:
         try:
-            report = warm(args.url, args.image_size, **_spec_kwargs(args), cache_dir=args.cache_dir,
-                          cache_size_limit=args.cache_size_limit, storage_options=_storage_options(args),
-                          concurrency=args.concurrency, progress=progress, on_listed=progress.listed)
+            with warnings.catch_warnings():
+                warnings.showwarning = _print_warning
+                report = warm(args.url, args.image_size, **_spec_kwargs(args), cache_dir=args.cache_dir,
+                              cache_size_limit=args.cache_size_limit, storage_options=_storage_options(args),
+                              concurrency=args.concurrency, progress=progress, on_listed=progress.listed)
         finally:
             progress.close()  # before any message, so it does not land on the bar's line
     except KeyboardInterrupt:
         print(f"s3cache: interrupted: {progress.stored} new arrays stored in this run, {progress.hits} were already "
               "cached; everything stored stays usable. Run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    left_out = f", {report.left_out} left out (the cache is full)" if report.left_out else ""
     print(f"{report.url}: {report.total} images, {report.hits} already cached, {report.fetched} fetched "
-          f"({_size(report.bytes_fetched)}), {report.failed} failed, {report.seconds:.1f} s "
+          f"({_size(report.bytes_fetched)}), {report.failed} failed{left_out}, {report.seconds:.1f} s "
           f"-> {report.cache_dir} (spec {report.fingerprint})")
     return 0
 
@@ -227,6 +231,11 @@ class _WarmProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _print_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """Show a warning (the cache cannot hold everything) as one line on stderr, without a source location."""
+    print(" ".join(str(message).split()), file=sys.stderr)
 
 
 def _command(

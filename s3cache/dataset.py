@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import multiprocessing.util
@@ -159,7 +160,8 @@ class S3ImageDataset(keras.utils.PyDataset):
     def loader(self) -> Loader:
         """This process's loader, opened on first use."""
         if self._loader is None or self._loader_pid != os.getpid():
-            self._loader = self.config.open_loader(self.spec)
+            # The size limit was set when the dataset was built; a worker opening the cache keeps the stored one.
+            self._loader = dataclasses.replace(self.config, size_limit=None).open_loader(self.spec)
             self._loader_pid = os.getpid()
             self._loader.store.begin_run(self.run)
             self._recorder = StatsRecorder(stats_directory(self.config.cache_dir, self._stats_id))

@@ -13,6 +13,7 @@ built, that its arrays do not fit the cache, and what hit rate to expect.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -25,8 +26,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import keras
-
 from s3cache import codec
 from s3cache.items import Item
 from s3cache.keys import cache_key
@@ -37,6 +36,8 @@ if TYPE_CHECKING:
     from s3cache.spec import ImageSpec
     from s3cache.store import ArrayStore
 
+# Share of the room that warm leaves unfilled when a dataset does not fit (see fitting_items).
+WARM_MARGIN = 0.03
 COUNTERS = ("hits", "misses", "skipped", "s3_requests", "s3_bytes", "retries")
 # One record per epoch: the counters, padded to 64 bytes so that no record straddles a page.
 _RECORD = struct.Struct("<8q")
@@ -147,54 +148,72 @@ def _with_rate(counts: dict[str, Any]) -> dict[str, Any]:
     return counts | {"hit_rate": counts["hits"] / served if served else 0.0}
 
 
-class CacheStatsCallback(keras.callbacks.Callback):
-    """Puts a dataset's cache hits, misses and hit rate of each epoch into Keras's logs.
+def __getattr__(name: str) -> Any:
+    """Define ``CacheStatsCallback`` on first use.
 
-    They land in ``History`` (``history.history["cache_hit_rate"]``, ...) and in the progress bar,
-    for Keras worker threads and processes alike::
-
-        model.fit(ds, epochs=5, callbacks=[s3cache.CacheStatsCallback(ds)])
-
-    Each ``fit`` epoch reports every dataset epoch not reported yet (see :attr:`S3ImageDataset.stats`),
-    so the first one includes the batches Keras reads before training starts, to learn the input
-    shapes (and what read-ahead fetched with them).
-
-    Args:
-        dataset: The training dataset.
-        prefix: Prefix of the log names (``cache_hits``, ``cache_misses``, ``cache_hit_rate``).
-        every_seconds: Least time between two updates of the running numbers shown per batch.
+    It subclasses a Keras class, and the cache commands (which import this module for the fit
+    estimate) never import Keras.
     """
+    if name == "CacheStatsCallback":
+        return _callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    def __init__(self, dataset: S3ImageDataset, prefix: str = "cache_", every_seconds: float = 0.5) -> None:
-        super().__init__()
-        self.dataset = dataset
-        self.prefix = prefix
-        self.every_seconds = every_seconds
-        self._first = self._epoch = dataset.epoch  # dataset epochs not reported yet: _first to _epoch
-        self._shown = 0.0
 
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        """Note which of the dataset's epochs this is."""
-        self._epoch = self.dataset.epoch  # Keras ends an epoch of its own before training, to learn shapes
-        self._shown = 0.0
+@functools.cache
+def _callback_class() -> type:
+    import keras
 
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        """Show the epoch's numbers so far in the progress bar (at most every ``every_seconds``)."""
-        if logs is not None and time.monotonic() - self._shown >= self.every_seconds:
-            self._shown = time.monotonic()
-            logs.update(self._logs())
+    class CacheStatsCallback(keras.callbacks.Callback):
+        """Puts a dataset's cache hits, misses and hit rate of each epoch into Keras's logs.
 
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        """Put the epoch's numbers into its logs (and so into ``History``)."""
-        if logs is not None:
-            logs.update(self._logs())
-        self._first = self._epoch + 1
+        They land in ``History`` (``history.history["cache_hit_rate"]``, ...) and in the progress bar,
+        for Keras worker threads and processes alike::
 
-    def _logs(self) -> dict[str, float]:
-        epochs = self.dataset.stats["epochs"][self._first:self._epoch + 1]
-        counts = _with_rate({name: sum(epoch[name] for epoch in epochs) for name in COUNTERS})
-        return {f"{self.prefix}hits": float(counts["hits"]), f"{self.prefix}misses": float(counts["misses"]),
-                f"{self.prefix}hit_rate": float(counts["hit_rate"])}
+            model.fit(ds, epochs=5, callbacks=[s3cache.CacheStatsCallback(ds)])
+
+        Each ``fit`` epoch reports every dataset epoch not reported yet (see :attr:`S3ImageDataset.stats`),
+        so the first one includes the batches Keras reads before training starts, to learn the input
+        shapes (and what read-ahead fetched with them).
+
+        Args:
+            dataset: The training dataset.
+            prefix: Prefix of the log names (``cache_hits``, ``cache_misses``, ``cache_hit_rate``).
+            every_seconds: Least time between two updates of the running numbers shown per batch.
+        """
+
+        def __init__(self, dataset: S3ImageDataset, prefix: str = "cache_", every_seconds: float = 0.5) -> None:
+            super().__init__()
+            self.dataset = dataset
+            self.prefix = prefix
+            self.every_seconds = every_seconds
+            self._first = self._epoch = dataset.epoch  # dataset epochs not reported yet: _first to _epoch
+            self._shown = 0.0
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            """Note which of the dataset's epochs this is."""
+            self._epoch = self.dataset.epoch  # Keras ends an epoch of its own before training, to learn shapes
+            self._shown = 0.0
+
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            """Show the epoch's numbers so far in the progress bar (at most every ``every_seconds``)."""
+            if logs is not None and time.monotonic() - self._shown >= self.every_seconds:
+                self._shown = time.monotonic()
+                logs.update(self._logs())
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            """Put the epoch's numbers into its logs (and so into ``History``)."""
+            if logs is not None:
+                logs.update(self._logs())
+            self._first = self._epoch + 1
+
+        def _logs(self) -> dict[str, float]:
+            epochs = self.dataset.stats["epochs"][self._first:self._epoch + 1]
+            counts = _with_rate({name: sum(epoch[name] for epoch in epochs) for name in COUNTERS})
+            return {f"{self.prefix}hits": float(counts["hits"]), f"{self.prefix}misses": float(counts["misses"]),
+                    f"{self.prefix}hit_rate": float(counts["hit_rate"])}
+
+    CacheStatsCallback.__qualname__ = "CacheStatsCallback"
+    return CacheStatsCallback
 
 
 # -- does the dataset fit? ------------------------------------------------------------------------------
@@ -204,6 +223,22 @@ def cache_bytes_needed(items: Sequence[Item], spec: ImageSpec) -> int:
     """About how many bytes of the cache the arrays of ``items`` take at ``spec`` (as the size limit counts them)."""
     value = math.prod(spec.shape) + codec.HEADER_SIZE
     return sum(footprint(value, len(cache_key(spec.fingerprint, item))) for item in items)
+
+
+def fitting_items(items: Sequence[Item], spec: ImageSpec, arrays: ArrayStore) -> list[Item]:
+    """The leading items whose arrays fit the cache's size limit together (all of them when the dataset fits).
+
+    A little conservative (:data:`WARM_MARGIN`): the estimate is close, and an array fetched but not
+    kept is a wasted request, while training (the same run) fills what room is left.
+    """
+    room = (arrays.size_limit - _empty_store_bytes()) * (1 - WARM_MARGIN)
+    value = math.prod(spec.shape) + codec.HEADER_SIZE
+    used = 0
+    for count, item in enumerate(items):
+        used += footprint(value, len(cache_key(spec.fingerprint, item)))
+        if used > room:
+            return list(items[:count])
+    return list(items)
 
 
 def warn_if_larger_than_cache(items: Sequence[Item], spec: ImageSpec, arrays: ArrayStore,

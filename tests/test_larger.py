@@ -122,6 +122,27 @@ def test_keras_worker_processes_share_the_run(s3: LocalS3, bucket: str, cache_di
     assert ds.stats["misses"] == len(object_gets(s3)) == 24 + 2 * (24 - held)
 
 
+def test_warm_fills_the_cache_with_what_fits_and_training_keeps_it(s3: LocalS3, bucket: str, cache_dir: Path,
+                                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    limit = int(empty_store_bytes(tmp_path) + 12.5 * bytes_per_entry(s3, tmp_path))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3.storage_options["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3.storage_options["secret"])
+    s3.reset_stats()
+    assert cli.main(["warm", URL, "--image-size", "32", "32", "--cache-dir", str(cache_dir), "--endpoint-url",
+                     s3.endpoint_url, "--cache-size-limit", str(limit)]) == 0
+    out, err = capsys.readouterr()
+    held = len(cached_keys(cache_dir))
+    assert held >= 0.9 * 12 and f"{24 - held} left out (the cache is full)" in out
+    assert "s3cache: the 24 images of this dataset need about" in err and "Expect about 5" in err
+    assert len(object_gets(s3)) == held  # nothing fetched that the cache could not keep
+    with pytest.warns(CacheTooSmallWarning):
+        ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, shuffle=True, seed=3))
+    warmed = cached_keys(cache_dir)
+    assert gets_per_epoch(ds, s3, 2) == [24 - held, 24 - held]  # training is the same run: it keeps them
+    assert cached_keys(cache_dir) == warmed
+
+
 # -- 2. exact LRU order between datasets, whatever the timing -------------------------------------------------
 
 

@@ -79,6 +79,9 @@ class RecencyLog:
     def __init__(self, connections: Connections) -> None:
         self.connections = connections
         self._lock = threading.Lock()  # guards _rowids, _flushing and _current
+        # Held while noted rows are written: a flush returns only once everything noted before it is
+        # written, a background one included. Reentrant: a flush may begin an anonymous run, which flushes.
+        self._writing = threading.RLock()
         self._rowids: set[int] = set()
         self._flusher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3cache-lru")
         self._flushing: concurrent.futures.Future[None] | None = None
@@ -181,17 +184,21 @@ class RecencyLog:
                 self._flushing = self._flusher.submit(self.flush)
 
     def flush(self) -> None:
-        """Stamp the noted rows with the run's generation: one transaction, one statement per :data:`CHUNK` rows."""
-        with self._lock:
-            rowids, self._rowids = list(self._rowids), set()
-        if not rowids:
-            return
-        gen = self.stamp().gen
-        with self.connections.write_transaction() as con:
-            for start in range(0, len(rowids), CHUNK):
-                chunk = rowids[start:start + CHUNK]
-                con.execute(f"UPDATE Cache SET access_time = ? WHERE rowid IN ({','.join('?' * len(chunk))})",
-                            (gen, *chunk))
+        """Stamp the noted rows with the run's generation: one transaction, one statement per :data:`CHUNK` rows.
+
+        Returns once every read noted before the call is written, by this call or by a background flush.
+        """
+        with self._writing:
+            with self._lock:
+                rowids, self._rowids = list(self._rowids), set()
+            if not rowids:
+                return
+            gen = self.stamp().gen
+            with self.connections.write_transaction() as con:
+                for start in range(0, len(rowids), CHUNK):
+                    chunk = rowids[start:start + CHUNK]
+                    con.execute(f"UPDATE Cache SET access_time = ? WHERE rowid IN ({','.join('?' * len(chunk))})",
+                                (gen, *chunk))
 
     def close(self) -> None:
         """Finish queued flushes and write back what is left."""
