@@ -209,7 +209,8 @@ def _s3cache_dataset(workload: Workload, offline: bool) -> Any:
 
 
 def _s3cache_epoch(dataset: Any) -> int:
-    """One pass as Keras makes it with ``workers=1``: every batch in order, then the end-of-epoch hook."""
+    """One pass as Keras makes it with ``workers=1``: the epoch hooks around every batch in order."""
+    dataset.on_epoch_begin()
     delivered = 0
     for index in range(len(dataset)):
         images, _ = dataset[index]

@@ -36,10 +36,8 @@ BENCH_ENV = {
 CONTROL_STATS = "/_locals3/stats"
 # RecencyLog's method that notes reads for LRU; the "LRU off" runs replace it with a no-op.
 RECENCY_HOOK = "note"
-# The LRU comparisons: recency off, on with entries used just now, on with entries used long ago.
+# The LRU comparisons: recency off, on over entries of the reading run, on over entries another dataset used since.
 RECENCY_SETTINGS = ("off", "fresh", "stale")
-# Older than any recency resolution the store may use.
-STALE_AGE_S = 3600.0
 PACKAGES = ["s3cache", "tensorflow", "keras", "numpy", "pillow", "diskcache", "boto3", "aiobotocore", "s3fs",
             "fsspec", "moto"]
 
@@ -218,22 +216,33 @@ def recency(setting: str) -> contextlib.AbstractContextManager[Any]:
 
 
 def stamp_recency(cache_dir: str | os.PathLike[str], setting: str) -> None:
-    """Make every cached entry look last used just now (``"fresh"``) or an hour ago (any other setting).
+    """Make every cached entry the reading run's own (``"fresh"``), or another dataset's (any other setting).
 
-    The store writes a read back only when the entry's recency is older than its resolution, so passes
-    over fresh entries (epochs shorter than the resolution) write nothing, while every read of a stale
-    entry (epochs longer than it, as in most real training) is written back. Set straight in the array
-    database, before the pass.
+    Recency is one generation per run, ordered by last use (:mod:`s3cache.store.recency`). Either way
+    another dataset is used just before the pass, so the reading run becomes the most recently used
+    again when it re-checks at the start of its epoch (``on_epoch_begin``, as Keras calls it): one
+    row written. Over its own entries the pass then writes nothing more, as in any epoch of a
+    run, or the first one after another dataset was read. Over entries another dataset stamped (two
+    datasets sharing images), each read is written back once. The reading run is the one used most
+    recently before the call. Set straight in the array database, before the pass.
 
     Args:
         cache_dir: The cache directory.
-        setting: ``"fresh"`` for just now; anything else for an hour ago.
+        setting: ``"fresh"`` for entries of the reading run; anything else for another run's.
     """
-    when = time.time() - (0.0 if setting == "fresh" else STALE_AGE_S)
+    from s3cache.store.recency import GENERATIONS
+
+    other = "benchmark:another-dataset"
     database = Path(cache_dir) / "arrays" / "cache.db"
     with contextlib.closing(sqlite3.connect(database, timeout=60)) as con:
         with con:
-            con.execute("UPDATE Cache SET access_time = ?", (when,))
+            (reader,) = con.execute(f"SELECT gen FROM {GENERATIONS} WHERE run != ? ORDER BY ord DESC LIMIT 1",
+                                    (other,)).fetchone()
+            con.execute(f"INSERT OR IGNORE INTO {GENERATIONS} (run, ord, taken) VALUES (?, 0, ?)", (other, time.time()))
+            con.execute(f"UPDATE {GENERATIONS} SET ord = (SELECT MAX(ord) FROM {GENERATIONS}) + 1 WHERE run = ?",
+                        (other,))
+            stamp = reader if setting == "fresh" else f"(SELECT gen FROM {GENERATIONS} WHERE run = '{other}')"
+            con.execute(f"UPDATE Cache SET access_time = {stamp}")
         # Fold this rewrite of every row into the database now, not during the timed pass.
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 

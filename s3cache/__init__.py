@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "image_dataset_from_s3": "s3cache.api",
     "S3ImageDataset": "s3cache.dataset",
+    "CacheStatsCallback": "s3cache.stats",
+    "CacheTooSmallWarning": "s3cache.stats",
     "ImageSpec": "s3cache.spec",
     "warm": "s3cache.ops",
     "cache_info": "s3cache.ops",

@@ -15,9 +15,10 @@ from s3cache.dataset import DTYPES, S3ImageDataset, data_format_of
 from s3cache.items import Item
 from s3cache.keys import cache_key
 from s3cache.labels import index_items
-from s3cache.listing import ALLOWED_FORMATS, resolve_items
+from s3cache.listing import ALLOWED_FORMATS, require_cached, resolve_items, run_key
 from s3cache.sharding import resolve_shard, shard_slice
 from s3cache.spec import ImageSpec
+from s3cache.stats import warn_if_larger_than_cache
 from s3cache.store.directory import CacheDirectory
 
 LABEL_MODES = ("int", "categorical", "binary", None)
@@ -48,7 +49,7 @@ def image_dataset_from_s3(
     *,
     dtype: str = "float32",
     cache_dir: str | os.PathLike[str] | None = None,
-    cache_size_limit: int | str | None = "10GB",
+    cache_size_limit: int | str | None = None,
     offline: bool = False,
     on_error: str = "raise",
     storage_options: dict[str, Any] | None = None,
@@ -94,7 +95,9 @@ def image_dataset_from_s3(
         verbose: Print how many files and classes were found, and the split.
         dtype: ``"float32"`` or ``"uint8"`` images (values 0-255 either way).
         cache_dir: Cache directory; default ``$S3CACHE_DIR``, else ``~/.cache/s3cache``.
-        cache_size_limit: Size limit of the cached arrays: bytes, or a string like ``"500MB"``.
+        cache_size_limit: Size limit of the cached arrays: bytes, or a string like ``"500MB"``. It is
+            the cache's own: ``None`` keeps the stored limit (10 GB for a new cache); a value
+            replaces it, for every process using the cache, and evicts down to it at once.
         offline: Never contact S3: use the stored listing and the cached arrays.
         on_error: ``"raise"`` or ``"skip"`` (with a warning) for objects that cannot be decoded.
         storage_options: Options for ``s3fs.S3FileSystem`` (``endpoint_url``, ``anon``, ``key``, ...).
@@ -112,7 +115,8 @@ def image_dataset_from_s3(
 
     Raises:
         EmptyListingError: No images (a ``ValueError``, as in Keras).
-        NotCachedError: Offline, without a stored listing for ``directory``.
+        NotCachedError: Offline, and the cache lacks the listing of ``directory`` or some of its
+            arrays (the error names them and says how many).
         S3CacheError: S3 could not be listed (missing bucket, denied, no credentials, unreachable).
         ValueError: A bad argument, found before any request is made.
     """
@@ -148,6 +152,9 @@ def image_dataset_from_s3(
     # -- list (or read the stored listing), then order, label, shuffle and split as Keras does ----------
     with config.open_cache() as cache:
         listed = resolve_items(directory, cache.meta, config.open_source())
+        if offline:
+            require_cached(listed, spec.fingerprint, cache.arrays)
+        warn_if_larger_than_cache(listed, spec, cache.arrays)
         cold_shards = not offline and _mostly_uncached_members(listed, spec, cache)
     items, label_array, names = index_items(listed, directory, labels, class_names)
     if label_mode == "binary" and len(names or ()) != 2:
@@ -176,7 +183,7 @@ def image_dataset_from_s3(
             label_mode=label_mode, batch_size=batch_size, shuffle=part_shuffle, seed=seed, dtype=dtype,
             data_format=data_format, steps_per_epoch=math.ceil(largest_shard / (batch_size or 1)),
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
-            cold_shards=cold_shards,
+            cold_shards=cold_shards, run=run_key(spec.fingerprint, directory),
         )
         return ds.to_tf_dataset() if format == "tf" else ds
 

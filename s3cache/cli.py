@@ -131,9 +131,11 @@ def _warm(args: argparse.Namespace) -> int:
     _listing(args.url)
     try:
         try:
-            report = warm(args.url, args.image_size, **_spec_kwargs(args), cache_dir=args.cache_dir,
-                          cache_size_limit=args.cache_size_limit, storage_options=_storage_options(args),
-                          concurrency=args.concurrency, progress=progress, on_listed=progress.listed)
+            with warnings.catch_warnings():
+                warnings.showwarning = _print_warning
+                report = warm(args.url, args.image_size, **_spec_kwargs(args), cache_dir=args.cache_dir,
+                              cache_size_limit=args.cache_size_limit, storage_options=_storage_options(args),
+                              concurrency=args.concurrency, progress=progress, on_listed=progress.listed)
         finally:
             progress.close()  # before any message, so it does not land on the bar's line
     except KeyboardInterrupt:
@@ -141,8 +143,9 @@ def _warm(args: argparse.Namespace) -> int:
         print(f"s3cache: interrupted: {progress.stored} new arrays stored in this run, {progress.hits} were already "
               "cached; everything stored stays usable. Run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
+    left_out = f", {report.left_out} left out (the cache is full)" if report.left_out else ""
     print(f"{shown(report.url)}: {report.total} images, {report.hits} already cached, {report.fetched} fetched "
-          f"({_size(report.bytes_fetched)}), {report.failed} failed, {report.seconds:.1f} s "
+          f"({_size(report.bytes_fetched)}), {report.failed} failed{left_out}, {report.seconds:.1f} s "
           f"-> {shown(report.cache_dir)} (spec {report.fingerprint})")
     if progress.failed_urls:
         failed = ", ".join(shown(url) for url in progress.failed_urls[:FAILED_SHOWN])
@@ -163,6 +166,8 @@ def _info(args: argparse.Namespace) -> int:
     print(f"directory  {shown(info['directory'])}")
     print(f"size       {_size(info['size_bytes'])} of {_size(limit)} limit "
           f"({_percent(info['size_bytes'] / limit if limit else 0)})")
+    print(f"limit      {_size(limit)}, kept in the cache for every process (change it with "
+          "`s3cache warm --cache-size-limit` or cache_size_limit=)")
     print(f"entries    {info['entries']}")
     print("specs:" if info["specs"] else "specs:    none")
     for fingerprint, spec in info["specs"].items():
@@ -305,6 +310,11 @@ class _WarmProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _print_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """Show a warning (the cache cannot hold everything) as one line on stderr, without a source location."""
+    print(" ".join(str(message).split()), file=sys.stderr)
 
 
 def _command(

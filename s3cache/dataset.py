@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import math
+import multiprocessing.util
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,6 +20,7 @@ from s3cache.items import Item
 from s3cache.loader import Loader
 from s3cache.order import full_shuffle, shard_window_shuffle
 from s3cache.spec import ImageSpec
+from s3cache.stats import StatsRecorder, new_stats_id, prune_stats, read_stats, stats_directory
 
 DTYPES = ("float32", "uint8")
 DATA_FORMATS = ("channels_last", "channels_first")
@@ -67,6 +72,9 @@ class S3ImageDataset(keras.utils.PyDataset):
             largest shard's count, so that every worker of a sharded run takes as many steps.
         cold_shards: Serve the first epoch shard window by shard window (see :mod:`s3cache.order`): for
             a packed dataset whose arrays are not cached yet.
+        run: The cache's name for this run (:func:`s3cache.listing.run_key`): the cache keeps the
+            entries of the current run rather than cycling through a dataset larger than itself.
+            Default: derived from the spec and the items.
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` for ``PyDataset``.
     """
 
@@ -87,6 +95,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         readahead: int | None = None,
         steps_per_epoch: int | None = None,
         cold_shards: bool = False,
+        run: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -111,7 +120,11 @@ class S3ImageDataset(keras.utils.PyDataset):
         self.readahead = readahead
         self.steps_per_epoch = steps_per_epoch or len(self)
         self.cold_shards = cold_shards
+        self.run = run or _default_run(spec, self.items)
         self.epoch = 0
+        self._stats_id = new_stats_id()
+        self._recorder: StatsRecorder | None = None
+        prune_stats(config.cache_dir)
         self._order = self._epoch_order(0)
         self._last_index: int | None = None
         self._served = False  # whether this epoch has served anything yet
@@ -142,6 +155,11 @@ class S3ImageDataset(keras.utils.PyDataset):
         """One epoch: every batch (or image) in this epoch's order; the next pass is reshuffled."""
         return self._one_pass(len(self))
 
+    def on_epoch_begin(self) -> None:
+        """Check whether another dataset used the cache since (so this epoch's reads refresh recency)."""
+        if self._loader is not None and self._loader_pid == os.getpid():
+            self._loader.store.recency.refresh()
+
     def on_epoch_end(self) -> None:
         """Reshuffle for the next epoch and write back cache recency."""
         self.epoch += 1
@@ -150,7 +168,8 @@ class S3ImageDataset(keras.utils.PyDataset):
         self._served = False
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.drop_prefetched()
-            self._loader.store.recency.flush_soon()
+            self._loader.store.recency.flush()  # before another dataset may evict by it
+            self._loader.store.recency.refresh()
 
     # -- public extras ----------------------------------------------------------------------------
 
@@ -174,25 +193,36 @@ class S3ImageDataset(keras.utils.PyDataset):
         return len(self.class_names or ())
 
     @property
-    def stats(self) -> dict[str, int]:
-        """This process's counters: ``hits``, ``misses``, ``skipped``, ``s3_requests``, ``s3_bytes``, ``retries``."""
-        if self._loader is None or self._loader_pid != os.getpid():
-            return {"hits": 0, "misses": 0, "skipped": 0, "s3_requests": 0, "s3_bytes": 0, "retries": 0}
-        return self._loader.stats
+    def stats(self) -> dict[str, Any]:
+        """Counters of every process and thread serving this dataset (Keras workers included).
+
+        ``hits``, ``misses``, ``skipped``, ``s3_requests``, ``s3_bytes``, ``retries`` and
+        ``hit_rate`` over all epochs, and ``epochs``: the same per epoch (see :func:`s3cache.stats.read_stats`).
+        """
+        return read_stats(stats_directory(self.config.cache_dir, self._stats_id))
 
     @property
     def loader(self) -> Loader:
         """This process's loader, opened on first use."""
         if self._loader is None or self._loader_pid != os.getpid():
-            self._loader = self.config.open_loader(self.spec, self.items)
+            # The size limit was set when the dataset was built; a worker opening the cache keeps the stored one.
+            self._loader = dataclasses.replace(self.config, size_limit=None).open_loader(self.spec, self.items)
             self._loader_pid = os.getpid()
+            self._loader.store.begin_run(self.run)
+            self._recorder = StatsRecorder(stats_directory(self.config.cache_dir, self._stats_id))
+            # Keras worker processes end without closing anything: write back their last reads as they exit.
+            multiprocessing.util.Finalize(self._loader, _flush_quietly, (self._loader.store.recency,), exitpriority=10)
         return self._loader
 
     def close(self) -> None:
         """Release threads and flush recency (the dataset reopens them if used again)."""
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.close()
+            self._loader.store.close()  # no connection left to hold the database (or its WAL) open
+            if self._recorder is not None:
+                self._recorder.close()
         self._loader = None
+        self._recorder = None
 
     def to_tf_dataset(self) -> Any:
         """This dataset as a ``tf.data.Dataset`` with known shapes, reading through the cache.
@@ -230,10 +260,15 @@ class S3ImageDataset(keras.utils.PyDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_loader"], state["_loader_pid"] = None, -1
+        state["_loader"], state["_loader_pid"], state["_recorder"] = None, -1, None
         return state
 
     # -- internals ----------------------------------------------------------------------------------
+
+    def _record(self, loader: Loader) -> None:
+        """Write this process's counters for the current epoch (one ``pwrite``)."""
+        if self._recorder is not None:
+            self._recorder.record(self.epoch, loader.stats)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle or epoch == 0:  # the first epoch serves the items as given (Keras's order)
@@ -262,8 +297,11 @@ class S3ImageDataset(keras.utils.PyDataset):
             raise IndexError(f"batch index {index} out of range for {len(self)} batches")
         self._served = True
         loader = self.loader
-        arrays = loader.load(self._batch_items(index))
-        loader.prefetch(self._readahead_items(index))
+        try:
+            arrays = loader.load(self._batch_items(index))
+            loader.prefetch(self._readahead_items(index))
+        finally:
+            self._record(loader)  # a batch that raised counted its misses and retries too
         kept = [i for i, array in enumerate(arrays) if array is not None]
         images = np.empty((len(kept), *self.spec.shape), dtype=self.dtype)
         for slot, i in enumerate(kept):
@@ -282,7 +320,8 @@ class S3ImageDataset(keras.utils.PyDataset):
         since the previous calls asked for the others.
         """
         sequential = self._last_index is not None and index == self._last_index + 1
-        first = index + self.readahead if sequential else index + 1
+        # Never the batch just served (readahead 0): with a full cache its misses would be fetched again.
+        first = index + max(self.readahead, 1) if sequential else index + 1
         self._last_index = index
         return [item for ahead in range(first, min(index + 1 + self.readahead, len(self)))
                 for item in self._batch_items(ahead)]
@@ -297,3 +336,15 @@ class S3ImageDataset(keras.utils.PyDataset):
         if self.label_mode == "binary":
             return labels.astype("float32").reshape(-1, 1)
         return np.eye(self.num_classes, dtype="float32")[labels]
+
+
+def _flush_quietly(recency: Any) -> None:
+    """Write back noted reads at exit, unless the cache is gone by then."""
+    with contextlib.suppress(Exception):
+        recency.flush()
+
+
+def _default_run(spec: ImageSpec, items: Sequence[Item]) -> str:
+    """A run key for a dataset built without one: its spec and its items."""
+    digest = hashlib.sha256("\n".join(item.url for item in items).encode()).hexdigest()[:16]
+    return f"{spec.fingerprint}:items:{digest}"

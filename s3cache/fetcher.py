@@ -123,7 +123,6 @@ class Fetcher:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self.counts = {"misses": 0, "shared": 0}
 
     def key(self, item: Item, etag: str | None = None) -> str:
         """The store key of an item's array under this spec (and the given version)."""
@@ -170,7 +169,6 @@ class Fetcher:
         for item, key in zip(items, keys, strict=True):
             if key in already:
                 self.ledger.release(key)
-                self._count("shared")
                 futures.append(done_future(FetchResult(already[key], fetched=False)))
             elif key in claimed:
                 futures.append(self._fetch(item, key))
@@ -181,7 +179,6 @@ class Fetcher:
     def _fetch(self, item: Item, key: str,
                result: concurrent.futures.Future[FetchResult] | None = None) -> concurrent.futures.Future[FetchResult]:
         """Read, decode and store an item once its bytes fit the budget; ``result`` receives the outcome."""
-        self._count("misses")
         result = result or concurrent.futures.Future()
         if self.ledger is not None:
             ledger = self.ledger
@@ -318,7 +315,6 @@ class Fetcher:
         for key, entry in found.items():
             if key in claimed:
                 self.ledger.release(key)
-            self._count("shared")
             resolve(waits[key].result, FetchResult(entry, fetched=False))
         for key in lapsed:
             log.info("%s: still claimed by another process after %.0f s; fetching it here as well",
@@ -342,7 +338,3 @@ class Fetcher:
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
         if self.ledger is not None:
             self.ledger.close()
-
-    def _count(self, name: str, amount: int = 1) -> None:
-        with self._lock:
-            self.counts[name] += amount

@@ -88,8 +88,9 @@ class Loader:
         self._fetcher = Fetcher(spec, store, source, decode_workers=decode_workers, max_object_size=max_object_size,
                                 max_bytes_in_flight=max_bytes_in_flight, ledger=ledger, claim_wait=claim_wait)
         self._pending: dict[str, _Reading] = {}
+        self._unserved: set[str] = set()  # keys read ahead by this process and dropped before being served
         self._lock = threading.Lock()
-        self._counts = {"hits": 0, "skipped": 0}
+        self._counts = {"hits": 0, "misses": 0, "shared": 0, "skipped": 0}
 
     @property
     def ledger(self) -> FetchLedger | None:
@@ -109,12 +110,12 @@ class Loader:
     def stats(self) -> dict[str, int]:
         """Counters: hits, misses, shared, skipped, S3 requests, bytes and retries.
 
-        ``misses`` are items this process read from S3; ``shared`` items another process sharing the
-        cache read while this one waited for them.
+        Counted when an item is served, so that ``hits + misses + shared`` is the number of items
+        served: ``misses`` were read from S3 by this process (perhaps ahead of time), ``shared`` by
+        another process sharing the cache while this one waited for them.
         """
         with self._lock:
             counts = dict(self._counts)
-        counts |= self._fetcher.counts
         if self.source is None:
             return counts | {"s3_requests": 0, "s3_bytes": 0, "retries": 0}
         return counts | self.source.counters.as_dict()
@@ -138,7 +139,12 @@ class Loader:
         for index, entry in zip(stored, self._fetcher.get_many([keys[i] for i in stored]), strict=True):
             entries[index] = entry
         missing = [i for i in stored if entries[i] is None]
-        self._count("hits", len(stored) - len(missing))
+        with self._lock:
+            # Read ahead, then dropped before it was served (an epoch ended): a miss of the batch serving it.
+            early = [keys[i] for i in stored if entries[i] is not None and keys[i] in self._unserved]
+            self._unserved.difference_update(early)
+            self._counts["misses"] += len(early)
+            self._counts["hits"] += len(stored) - len(missing) - len(early)
         fetch = []
         for i in missing:
             if self._fetcher.too_large(items[i]):
@@ -149,8 +155,10 @@ class Loader:
             if self.source is None:
                 raise NotCachedError.for_objects([items[i].url for i in fetch])
             waiting.update(self._start_or_join({i: keys[i] for i in fetch}, items))
-        for index, future in waiting.items():
-            entries[index] = future.result().entry
+        results = {index: future.result() for index, future in waiting.items()}
+        for index, result in results.items():
+            entries[index] = result.entry
+        self._count_served(results.values())
         with self._lock:
             for index in fetch:
                 if self._pending.get(keys[index]) is waiting[index]:
@@ -172,9 +180,14 @@ class Loader:
             self._pending.update(zip(todo, self._fetcher.start(list(todo.values()), list(todo)), strict=True))
 
     def drop_prefetched(self) -> None:
-        """Forget finished read-ahead results nobody asked for (their arrays are in the store)."""
+        """Forget finished read-ahead results nobody asked for (their arrays are in the store).
+
+        Their keys are remembered, so that serving them later from the store counts as the miss it was.
+        """
         with self._lock:
-            self._pending = {key: f for key, f in self._pending.items() if not f.done()}
+            done = {key for key, f in self._pending.items() if f.done()}
+            self._unserved.update(key for key in done if _fetched_here(self._pending[key]))
+            self._pending = {key: f for key, f in self._pending.items() if key not in done}
 
     def fill(
         self,
@@ -213,6 +226,7 @@ class Loader:
                 for future in done:
                     item = in_flight.pop(future)
                     result = future.result()
+                    self._count_served([result])
                     if progress:
                         progress(FillProgress(item, hit=not result.fetched,
                                               failed=isinstance(result.entry, codec.Failure)))
@@ -242,6 +256,13 @@ class Loader:
         self._count("hits", len(items) - len(todo))
         return todo
 
+    def _count_served(self, results: Iterable[FetchResult]) -> None:
+        """Count items served by a fetch: a miss this process read, or one another process read (shared)."""
+        fetched = [result.fetched for result in results]
+        with self._lock:
+            self._counts["misses"] += sum(fetched)
+            self._counts["shared"] += len(fetched) - sum(fetched)
+
     def _count(self, name: str, amount: int = 1) -> None:
         with self._lock:
             self._counts[name] += amount
@@ -269,3 +290,7 @@ class Loader:
         warnings.warn(f"skipping {item.url}: {entry.message}", stacklevel=3)
         return None
 
+
+def _fetched_here(future: _Reading) -> bool:
+    """Whether a finished read-ahead read its item from S3 in this process."""
+    return not future.cancelled() and future.exception() is None and future.result().fetched

@@ -18,9 +18,10 @@ from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
 from s3cache.errors import CacheError, NotCachedError, S3CacheError
 from s3cache.items import Item
 from s3cache.keys import cache_key
-from s3cache.listing import list_online, listing_name, resolve_items, stored_items
+from s3cache.listing import list_online, listing_name, resolve_items, run_key, stored_items
 from s3cache.loader import FillProgress, Loader
 from s3cache.spec import ImageSpec
+from s3cache.stats import fitting_items, warn_if_larger_than_cache
 from s3cache.store import MetaStore, Problem
 from s3cache.store.directory import CacheDirectory, verify_directory
 
@@ -41,6 +42,8 @@ class WarmReport:
         failed: Fetched objects that could not be decoded (stored as failure records).
         bytes_fetched: Bytes received from S3 for the fetched objects.
         seconds: Wall time, listing included.
+        left_out: Objects neither read nor fetched because the cache cannot hold them too (a
+            :class:`~s3cache.stats.CacheTooSmallWarning` says so): training reads them from S3.
     """
 
     url: str
@@ -52,6 +55,7 @@ class WarmReport:
     failed: int
     bytes_fetched: int
     seconds: float
+    left_out: int = 0
 
 
 def warm(
@@ -72,7 +76,9 @@ def warm(
     """List a prefix (storing the listing) and cache the resized array of every image under it.
 
     Objects already cached under the same spec and ETag are not fetched again. Interrupting it
-    (Ctrl-C) keeps every entry stored so far.
+    (Ctrl-C) keeps every entry stored so far. When the arrays do not all fit the cache's size
+    limit, it warns (:class:`~s3cache.stats.CacheTooSmallWarning`) and fills the cache with the first
+    objects that fit, rather than fetching the others for nothing.
 
     Args:
         url: A prefix URL such as ``"s3://bucket/train/"``.
@@ -113,13 +119,17 @@ def warm(
         if on_listed:
             on_listed(len(items))
         cache.record_spec(spec.fingerprint, spec.to_dict())
+        cache.arrays.begin_run(run_key(spec.fingerprint, url))  # the same run as training on this prefix
+        kept = items if warn_if_larger_than_cache(items, spec, cache.arrays) >= 1 else \
+            fitting_items(items, spec, cache.arrays)
         loader = Loader(spec, cache.arrays, source)
         try:
-            loader.fill(items, count)
+            loader.fill(kept, count)
         finally:
             loader.close()
     return WarmReport(url, str(config.cache_dir), spec.fingerprint, len(items), counts["hits"], counts["fetched"],
-                      counts["failed"], source.counters.bytes_received, time.perf_counter() - started)
+                      counts["failed"], source.counters.bytes_received, time.perf_counter() - started,
+                      len(items) - len(kept))
 
 
 def cache_info(cache_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:

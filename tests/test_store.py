@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import sqlite3
-import time
 from pathlib import Path
 
 import diskcache
@@ -72,11 +71,12 @@ def test_reads_refresh_recency_in_batches_and_lru_evicts_least_recently_used(tmp
     empty = ArrayStore(tmp_path / "arrays", parse_size("1GB"))
     base = empty.volume()
     empty.close()
-    store = ArrayStore(tmp_path / "arrays", base + int(10.5 * ENTRY_BYTES), recency_resolution=0)
+    store = ArrayStore(tmp_path / "arrays", base + int(10.5 * ENTRY_BYTES))
+    store.begin_run("first")
     for i in range(10):
         store.put(f"k{i}", codec.encode_array(ENTRY), tag="t")
     stored = access_times(tmp_path)
-    time.sleep(0.01)
+    store.begin_run("second")  # another dataset: what it reads becomes newer than the rest
     assert store.get("k0") is not None
     assert access_times(tmp_path) == stored  # a read alone writes nothing to the database
     store.put("k10", codec.encode_array(ENTRY), tag="t")
@@ -108,14 +108,19 @@ def test_epochs_read_through_a_cache_smaller_than_the_dataset(s3: LocalS3, bucke
         np.testing.assert_array_equal(y1, y2)
 
 
-def test_recency_is_refreshed_at_most_once_per_resolution(tmp_path: Path) -> None:
-    store = ArrayStore(tmp_path / "arrays", parse_size("1GB"), recency_resolution=0.2)
+def test_recency_is_written_once_per_run_and_not_at_all_by_the_run_that_stored(tmp_path: Path) -> None:
+    store = ArrayStore(tmp_path / "arrays", parse_size("1GB"))
+    store.begin_run("a")
     store.put("k", codec.encode_array(ENTRY), tag="t")
     stored = access_times(tmp_path)["k"]
     store.get("k")
     store.recency.flush()
-    assert access_times(tmp_path)["k"] == stored  # stored moments ago: no write needed
-    time.sleep(0.25)
+    assert access_times(tmp_path)["k"] == stored  # stored by this run: no write needed
+    store.begin_run("b")
     store.get("k")
     store.recency.flush()
-    assert access_times(tmp_path)["k"] > stored + 0.2
+    refreshed = access_times(tmp_path)["k"]
+    assert refreshed > stored
+    store.get("k")
+    store.recency.flush()
+    assert access_times(tmp_path)["k"] == refreshed  # once per run, however often it is read

@@ -231,6 +231,25 @@ class S3Source:
                 return sorted(found, key=lambda item: item.key)
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
+    def list_page(self, bucket: str, prefix: str, start_after: str) -> tuple[list[Item], bool]:
+        """One ``ListObjectsV2`` page: up to 1,000 objects under ``prefix`` with keys after ``start_after``.
+
+        Every object is returned, image or not (URL lists name their objects). Used by
+        :func:`s3cache.listing.resolve_url_list` to resolve long URL lists by key range.
+
+        Returns:
+            The objects in key order, and whether more keys follow.
+        """
+        return self.run(self._list_page(bucket, prefix, start_after))
+
+    async def _list_page(self, bucket: str, prefix: str, start_after: str) -> tuple[list[Item], bool]:
+        after = {"StartAfter": start_after} if start_after else {}
+        page = await self._call(f"s3://{bucket}/{prefix}", bucket, "list_objects_v2", Bucket=bucket, Prefix=prefix,
+                                MaxKeys=LIST_PAGE_SIZE, **after)
+        items = [Item(bucket, entry["Key"], _etag(entry["ETag"]), int(entry["Size"]))
+                 for entry in page.get("Contents", [])]
+        return items, bool(page.get("IsTruncated"))
+
     def resolve_urls(self, urls: Sequence[str]) -> list[Item]:
         """Look up the ETag and size of each object URL (concurrently), keeping their order."""
         return self.run(self._head_many(urls))

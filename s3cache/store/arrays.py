@@ -10,9 +10,13 @@
 * A damaged database raises :class:`~s3cache.store.disk.DamagedStoreError`, which names the repair.
 * Reads do not write: a batch of keys is one ``SELECT`` on a per-thread read-only connection, and
   reads are noted for recency (:class:`~s3cache.store.recency.RecencyLog`), written back later.
+* The size limit is the store's, kept in its database: ``size_limit=None`` keeps it, a value
+  replaces it and evicts down to it at once. Every process reads the stored limit again before
+  admitting or evicting, so all processes sharing the store keep to the latest one set.
 * ``size_limit`` is soft in diskcache (each ``set`` culls at most ``cull_limit`` rows, ``cull``
   ten at a time), so ``cull_limit`` is 0 and :meth:`ArrayStore.cull`, called after writes, deletes
-  just enough rows chosen by the eviction policy to get back under the limit.
+  just enough rows chosen by the eviction policy to get back under the limit. A new entry that
+  does not fit is stored only if the policy admits it (:mod:`s3cache.store.policy`).
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ from s3cache.store.disk import (
     warn_writes_paused,
     write_on_full_disk,
 )
-from s3cache.store.policy import DISKCACHE_POLICY, EvictionPolicy, LeastRecentlyUsed
-from s3cache.store.recency import RESOLUTION, RecencyLog
+from s3cache.store.policy import DISKCACHE_POLICY, EvictionPolicy, KeepCurrentRun
+from s3cache.store.recency import Generation, RecencyLog
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +128,10 @@ class ArrayStore:
     Args:
         directory: The store's directory (``<cache_dir>/arrays``); its parent must exist.
         size_limit: Upper bound for the arrays, in bytes; ``None`` keeps the stored limit
-            (:data:`DEFAULT_SIZE_LIMIT` for a new store).
-        recency_resolution: Seconds within which a read does not refresh an entry's recency again.
-        policy: Chooses what an eviction removes (default: least recently used).
+            (:data:`DEFAULT_SIZE_LIMIT` for a new store). A value replaces the stored limit, and the
+            store is evicted down to it at once.
+        policy: Chooses what an eviction removes and whether a full store admits a new entry
+            (default: :class:`~s3cache.store.policy.KeepCurrentRun`).
         private: Create value files owner-only (off for a shared cache: the umask decides).
 
     Attributes:
@@ -142,7 +147,6 @@ class ArrayStore:
         self,
         directory: str | os.PathLike[str],
         size_limit: int | None = None,
-        recency_resolution: float = RESOLUTION,
         policy: EvictionPolicy | None = None,
         *,
         private: bool = True,
@@ -158,21 +162,39 @@ class ArrayStore:
         # On a full file system this is a read-only store until a write finds space again.
         self._cache: SafeCache = open_diskcache(self.directory, private=private, **settings)
         self._connections = Connections(self.directory / "cache.db")
-        self.recency = RecencyLog(self._connections, recency_resolution)
-        self.policy = policy or LeastRecentlyUsed()
+        self.recency = RecencyLog(self._connections)
+        self.policy: EvictionPolicy = policy or KeepCurrentRun()
         self._state_lock = threading.Lock()  # guards the pause state, the cache swap and the written tags
         self._paused_since: float | None = None
         self._retry_at = self._space_check_at = 0.0
         self.spec_recorder: SpecRecorder | None = None
         self._written_tags: set[str] = set()
         self._record_check_at = time.monotonic() + RECORD_CHECK_SECONDS
+        if size_limit is not None:
+            self.cull()
+
+    def begin_run(self, run: str) -> Generation:
+        """Read and store on behalf of a run (see :mod:`s3cache.store.recency`): its entries stay."""
+        return self.recency.begin(run)
 
     # -- reading ------------------------------------------------------------------------------------
 
     @property
     def size_limit(self) -> int:
-        """The store's size limit in bytes."""
-        return int(self._cache.size_limit)
+        """The store's size limit in bytes, as last set by any process."""
+        return int(self._setting("size_limit"))
+
+    def _setting(self, name: str) -> int:
+        """A diskcache setting as stored now (read on this thread's own connection)."""
+        row = self._connections.reader().execute("SELECT value FROM Settings WHERE key = ?", (name,)).fetchone()
+        return int(row[0])
+
+    def _volume(self) -> int:
+        """:meth:`volume`, read on this thread's own connection (which :meth:`close` closes, whatever the thread)."""
+        con = self._connections.reader()
+        (pages,) = con.execute("PRAGMA page_count").fetchone()
+        (page_size,) = con.execute("PRAGMA page_size").fetchone()
+        return int(pages) * int(page_size) + self._setting("size")
 
     @property
     def writes_paused(self) -> bool:
@@ -199,9 +221,9 @@ class ArrayStore:
         except sqlite3.Error as exc:
             raise self._read_error(exc) from exc
         entries = [self._entry(key, rows.get(key)) for key in keys]
-        stale_before = self.recency.stale_before()
+        stamp = self.recency.stamp_of_run()
         self.recency.note([rows[key].rowid for key, entry in zip(keys, entries, strict=True)
-                           if entry is not None and rows[key].access_time < stale_before])
+                           if entry is not None and rows[key].access_time != stamp])
         return entries
 
     def existing(self, keys: Sequence[str]) -> set[str]:
@@ -296,9 +318,11 @@ class ArrayStore:
     # -- writing ------------------------------------------------------------------------------------
 
     def put(self, key: str, entry: bytes, tag: str) -> bool:
-        """Store an encoded entry unless another writer stored it first; returns whether it wrote.
+        """Store an encoded entry, stamped with the run's generation; returns whether it wrote.
 
-        The entry is bound to ``key`` (:func:`s3cache.codec.bind`) unless it was encoded bound.
+        Nothing is written if another writer stored the key first, or if the entry does not fit
+        and the policy does not admit it (the caller still has the array it serves). The entry is
+        bound to ``key`` (:func:`s3cache.codec.bind`) unless it was encoded bound.
         On a full file system nothing is stored (no file is left behind) and writes pause, with
         one warning: later calls return ``False`` at once until the file system has room again
         (checked at most every :data:`SPACE_CHECK_SECONDS`) or :data:`WRITE_RETRY_SECONDS` have
@@ -310,7 +334,7 @@ class ArrayStore:
         """
         if not isinstance(entry, bytes):
             raise TypeError(f"cache values must be bytes, got {type(entry).__name__}")
-        if not self._may_write(len(entry)):
+        if not self.admits(len(entry)) or not self._may_write(len(entry)):
             return False
         value = codec.bind(entry, key)
         try:
@@ -331,14 +355,14 @@ class ArrayStore:
         disk = cache.disk
         size, mode, filename, db_value = disk.store(value, False, key=key)
         try:
-            now = time.time()
+            now, gen = time.time(), self.recency.stamp().gen
             with self._connections.write_transaction() as con:
                 exists = con.execute("SELECT 1 FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
                 if exists is None:
                     con.execute(
                         "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag, size,"
                         " mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, ?, ?, ?, ?, ?)",
-                        (key, now, now, tag, size, mode, filename, db_value))
+                        (key, now, gen, tag, size, mode, filename, db_value))
         except BaseException:
             if filename is not None:
                 disk.remove(filename)
@@ -420,6 +444,12 @@ class ArrayStore:
             except (OSError, sqlite3.Error) as exc:  # CacheError included: a record is worth no failed batch
                 log.warning("s3cache: cannot record spec %s in %s: %s", tag, self.directory.parent, exc)
 
+    def admits(self, size: int) -> bool:
+        """Whether an entry of ``size`` bytes would be stored now: it fits, or the policy can make room."""
+        if self._volume() + size <= self.size_limit:
+            return True
+        return self.policy.admits(self._connections.reader(), self.recency.current)
+
     def cull(self) -> int:
         """Evict entries chosen by the policy until the store is within its size limit.
 
@@ -427,10 +457,10 @@ class ArrayStore:
             The number of entries removed.
         """
         removed = 0
-        while (excess := self._cache.volume() - self.size_limit) > 0:
+        while (excess := self._volume() - self.size_limit) > 0:
             self.recency.flush()
             with self._connections.write_transaction() as con:
-                victims = self.policy.victims(con, excess)
+                victims = self.policy.victims(con, excess, self.recency.current)
                 con.executemany("DELETE FROM Cache WHERE rowid = ?", [(v.rowid,) for v in victims])
             if not victims:
                 break

@@ -1,16 +1,28 @@
-"""Metadata of a cache: stored listings and the descriptions of spec fingerprints. Never evicted."""
+"""Metadata of a cache: stored listings, an index of every listed object, and spec descriptions. Never evicted.
+
+The object index maps each listed image's URL to its ETag and size (the stored form of an
+:class:`~s3cache.items.Item`). Every listing adds to it, so an offline run can resolve any URL that
+some listing saw (a list of URLs, a manifest, a sub-prefix) without a stored listing of exactly
+that list. It lives in its own table of the metadata database, beside diskcache's.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from s3cache.items import Item
+from s3cache.store.connection import Connections
 from s3cache.store.disk import open_diskcache
 
 _LISTING = "listing/"
 _SPEC = "spec/"
+_OBJECTS = "S3cacheObject"
+# URLs per SELECT, under SQLite's limit on bound parameters.
+_LOOKUP_CHUNK = 500
 
 
 class MetaStore:
@@ -26,6 +38,12 @@ class MetaStore:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self._cache = open_diskcache(self.directory, eviction_policy="none")
+        self._connections = Connections(self.directory / "cache.db")
+        exists = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        if not self._connections.reader().execute(exists, (_OBJECTS,)).fetchone():
+            with self._connections.write_transaction() as con:
+                con.execute(f"CREATE TABLE IF NOT EXISTS {_OBJECTS} (url TEXT PRIMARY KEY, item TEXT NOT NULL)"
+                            " WITHOUT ROWID")
 
     def put_listing(self, name: str, listing: dict[str, Any]) -> None:
         """Store a listing (replacing any older one of that name)."""
@@ -44,6 +62,27 @@ class MetaStore:
         """Forget a listing."""
         return bool(self._cache.delete(_LISTING + name))
 
+    def index_objects(self, items: Iterable[Item]) -> None:
+        """Remember each item's ETag and size by URL (replacing what an older listing said)."""
+        rows = [(item.url, json.dumps(item.to_json())) for item in items]
+        with self._connections.write_transaction() as con:
+            con.executemany(f"INSERT OR REPLACE INTO {_OBJECTS} (url, item) VALUES (?, ?)", rows)
+
+    def lookup_objects(self, urls: Sequence[str]) -> dict[str, Item]:
+        """The indexed items of those URLs that some listing saw, by URL."""
+        con = self._connections.reader()
+        found: dict[str, Item] = {}
+        unique = list(dict.fromkeys(urls))
+        for start in range(0, len(unique), _LOOKUP_CHUNK):
+            chunk = unique[start:start + _LOOKUP_CHUNK]
+            query = f"SELECT url, item FROM {_OBJECTS} WHERE url IN ({','.join('?' * len(chunk))})"
+            found.update((url, Item.from_json(json.loads(item))) for url, item in con.execute(query, chunk))
+        return found
+
+    def indexed_count(self) -> int:
+        """How many objects the index knows."""
+        return int(self._connections.reader().execute(f"SELECT COUNT(*) FROM {_OBJECTS}").fetchone()[0])
+
     def put_spec(self, fingerprint: str, description: dict[str, Any]) -> None:
         """Record what a spec fingerprint stands for (for ``info`` and ``clear --spec``)."""
         key = _SPEC + fingerprint
@@ -61,4 +100,5 @@ class MetaStore:
 
     def close(self) -> None:
         """Close the database."""
+        self._connections.close()
         self._cache.close()

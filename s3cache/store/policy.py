@@ -1,17 +1,32 @@
-"""Which entries an eviction removes.
+"""Which entries an eviction removes, and whether a new entry is admitted into a full store.
 
-diskcache learns about our policy through its ``EVICTION_POLICY`` table: it indexes and culls by
-``access_time`` but never writes on a ``get`` (diskcache's own LRU writes SQLite on every read);
-s3cache keeps ``access_time`` itself, in batches (:mod:`s3cache.store.recency`). The choice of
-victims happens here, behind :class:`EvictionPolicy`, so that another policy can decide differently.
+diskcache learns about our policy through its ``EVICTION_POLICY`` table: it indexes ``access_time``
+but never writes on a ``get`` and never culls by itself (``cull_limit`` is 0). s3cache keeps
+``access_time`` itself, as generations (:mod:`s3cache.store.recency`). The choices happen here,
+behind :class:`EvictionPolicy`, so that another policy can decide differently.
+
+The default, :class:`KeepCurrentRun`, is an LRU between runs (datasets) that keeps what the current
+run holds:
+
+* Entries last used by other runs go first, those used longest ago first (an LRU between
+  datasets and experiments).
+* The current run's own entries are never evicted to make room for more of its own: once they
+  fill the store, a new array is served to its batch but not stored (:meth:`~EvictionPolicy.admits`
+  says no). A shuffled epoch over a dataset that does not fit then hits the fraction of it that
+  the store holds, every epoch, where an LRU would cycle through the dataset and hit far less
+  (``c + (1 - c) ln(1 - c)`` for a store holding a fraction ``c``).
 """
 
 from __future__ import annotations
 
+import math
 import sqlite3
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Protocol
 
 import diskcache
+
+from s3cache.store.recency import GENERATIONS, WALL_CLOCK, Generation
 
 DISKCACHE_POLICY = "s3cache-batched-lru"
 diskcache.core.EVICTION_POLICY.setdefault(
@@ -26,9 +41,46 @@ diskcache.core.EVICTION_POLICY.setdefault(
 # Most rows one eviction round looks at (each round is one transaction).
 CULL_ROWS = 256
 
+_COLUMNS = "rowid, filename, MAX(size, IFNULL(LENGTH(value), 0)), LENGTH(key)"
+_Row = tuple[int, str | None, int, int]
+
+# How SQLite (4 KB pages) stores an entry's row: values under diskcache's 32 KB threshold live in the
+# row, larger ones in a file. A row's payload is its value, its key and about 40 bytes of other
+# columns; its index entries (key, tag, access_time) take about 56 bytes plus the key.
+_PAGE = 4096
+INLINE_BELOW = 2**15
+_ROW_BYTES = 40
+_INDEX_BYTES = 56
+_FILE_ROW_BYTES = 80
+_MAX_LOCAL = _PAGE - 35
+_MIN_LOCAL = (_PAGE - 12) * 32 // 255 - 23
+
+
+def footprint(value: int, key: int) -> int:
+    """Bytes one entry adds to the store's volume: its row's share of leaf pages, overflow pages, index entries.
+
+    Args:
+        value: Bytes of the stored value.
+        key: Characters of its key.
+    """
+    index = _INDEX_BYTES + key
+    if value >= INLINE_BELOW:
+        return value + _FILE_ROW_BYTES + key + index
+    payload = value + key + _ROW_BYTES
+    overflow = 0
+    local = payload
+    if payload > _MAX_LOCAL:  # SQLite keeps part of the payload in the leaf and the rest in overflow pages
+        local = _MIN_LOCAL + (payload - _MIN_LOCAL) % (_PAGE - 4)
+        if local > _MAX_LOCAL:
+            local = _MIN_LOCAL
+        overflow = math.ceil((payload - local) / (_PAGE - 4))
+        local += 4
+    per_leaf = max(1, (_PAGE - 8) // (local + 4))
+    return math.ceil(_PAGE / per_leaf) + overflow * _PAGE + index
+
 
 class Victim(NamedTuple):
-    """A row chosen for eviction."""
+    """A row chosen for eviction, and about how many bytes of the store's volume removing it frees."""
 
     rowid: int
     filename: str | None
@@ -36,25 +88,84 @@ class Victim(NamedTuple):
 
 
 class EvictionPolicy(Protocol):
-    """Chooses the rows to delete when the store is over its limit."""
+    """Chooses the rows to delete when the store is over its limit, and whether a full store admits more."""
 
-    def victims(self, con: sqlite3.Connection, excess: int) -> list[Victim]:
+    def admits(self, con: sqlite3.Connection, current: Generation | None) -> bool:
+        """Whether a new entry may be stored when it does not fit without evicting something."""
+        ...
+
+    def victims(self, con: sqlite3.Connection, excess: int, current: Generation | None) -> list[Victim]:
         """Rows whose sizes add up to at least ``excess`` bytes (fewer if the store has no more)."""
         ...
 
 
 class LeastRecentlyUsed:
-    """Evict the entries read (or stored) longest ago."""
+    """Evict the entries used longest ago; always admit."""
 
-    def victims(self, con: sqlite3.Connection, excess: int) -> list[Victim]:
+    def admits(self, con: sqlite3.Connection, current: Generation | None) -> bool:
+        """Always: some older entry can make room."""
+        return True
+
+    def victims(self, con: sqlite3.Connection, excess: int, current: Generation | None) -> list[Victim]:
         """The least recently used rows covering ``excess`` bytes, at most :data:`CULL_ROWS` per round."""
-        rows = con.execute(
-            "SELECT rowid, filename, MAX(size, IFNULL(LENGTH(value), 0)) FROM Cache"
-            " ORDER BY access_time LIMIT ?", (CULL_ROWS,))
-        chosen, covered = [], 0
-        for row in rows:
-            if covered >= excess:
-                break
-            chosen.append(Victim(*row))
-            covered += row[2]
+        return _cover(excess, _by_recency(con, None, CULL_ROWS))
+
+
+class KeepCurrentRun:
+    """LRU between runs; the current run's own entries stay, and its new arrivals wait for room."""
+
+    def admits(self, con: sqlite3.Connection, current: Generation | None) -> bool:
+        """Whether some entry that is not the current run's can make room."""
+        if current is None or not current.protect:
+            return True
+        others = ("SELECT 1 FROM Cache WHERE access_time < ?1"
+                  " UNION ALL SELECT 1 FROM Cache WHERE access_time > ?1 LIMIT 1")
+        return con.execute(others, (current.gen,)).fetchone() is not None
+
+    def victims(self, con: sqlite3.Connection, excess: int, current: Generation | None) -> list[Victim]:
+        """Other runs' entries, least recently used first; the run's newest entries only as a last resort.
+
+        The last resort covers concurrent writers that were admitted at once and overshot the limit
+        together: the newest entries of the run go, as if they had not been admitted.
+        """
+        if current is None or not current.protect:
+            return LeastRecentlyUsed().victims(con, excess, current)
+        chosen = _cover(excess, _by_recency(con, current.gen, CULL_ROWS))
+        if not chosen:
+            chosen = _cover(excess, con.execute(
+                f"SELECT {_COLUMNS} FROM Cache WHERE access_time = ? ORDER BY rowid DESC LIMIT ?",
+                (current.gen, CULL_ROWS)))
         return chosen
+
+
+def _by_recency(con: sqlite3.Connection, spared: int | None, limit: int) -> Iterator[_Row]:
+    """Rows least recently used first, except those of generation ``spared``.
+
+    First rows with a wall-clock stamp (written by something other than this version of s3cache),
+    then each generation's rows in the order of the generations' last use, oldest stored first
+    within one. Every query walks the ``access_time`` index; the generation table is small.
+    """
+    yield from con.execute(f"SELECT {_COLUMNS} FROM Cache WHERE access_time >= ? ORDER BY access_time LIMIT ?",
+                           (WALL_CLOCK, limit))
+    generations = [gen for (gen,) in con.execute(f"SELECT gen FROM {GENERATIONS} ORDER BY ord")]
+    for gen in generations:
+        if gen != spared:
+            yield from con.execute(f"SELECT {_COLUMNS} FROM Cache WHERE access_time = ? ORDER BY rowid LIMIT ?",
+                                   (gen, limit))
+
+
+def _cover(excess: int, rows: Iterable[_Row]) -> list[Victim]:
+    """The first rows whose footprints add up to at least ``excess`` (all of them if they do not).
+
+    Weighing rows by what removing them frees, not by their values' length, keeps an eviction from
+    removing a third more entries than the limit asks for (a 3 KB array takes a whole 4 KB page).
+    """
+    chosen: list[Victim] = []
+    covered = 0
+    for rowid, filename, size, key in rows:
+        if covered >= excess or len(chosen) >= CULL_ROWS:
+            break
+        freed = footprint(size, key or 0)
+        chosen.append(Victim(rowid, filename, freed))
+        covered += freed
+    return chosen
