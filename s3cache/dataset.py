@@ -271,10 +271,10 @@ class S3ImageDataset(keras.utils.PyDataset):
             self._recorder.record(self.epoch, loader.stats)
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self.shuffle and epoch == 0 and self.cold_shards:  # a cold packed dataset: shard by shard
+            return shard_window_shuffle(self.items, self.seed, epoch)
         if not self.shuffle or epoch == 0:  # the first epoch serves the items as given (Keras's order)
             return np.arange(len(self.items))
-        if epoch == 0 and self.cold_shards:
-            return shard_window_shuffle(self.items, self.seed, epoch)
         return full_shuffle(len(self.items), self.seed, epoch)
 
     def _one_pass(self, steps: int) -> Iterator[Any]:

@@ -155,14 +155,16 @@ class Loader:
             if self.source is None:
                 raise NotCachedError.for_objects([items[i].url for i in fetch])
             waiting.update(self._start_or_join({i: keys[i] for i in fetch}, items))
-        results = {index: future.result() for index, future in waiting.items()}
+        try:
+            results = {index: future.result() for index, future in waiting.items()}
+        finally:  # served or failed: a later batch must start afresh, not join a failed read
+            with self._lock:
+                for index in fetch:
+                    if self._pending.get(keys[index]) is waiting[index]:
+                        del self._pending[keys[index]]
         for index, result in results.items():
             entries[index] = result.entry
         self._count_served(results.values())
-        with self._lock:
-            for index in fetch:
-                if self._pending.get(keys[index]) is waiting[index]:
-                    del self._pending[keys[index]]
         return [self._resolve(item, entry) for item, entry in zip(items, entries, strict=True)]
 
     def prefetch(self, items: Iterable[Item]) -> None:

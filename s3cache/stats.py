@@ -14,6 +14,7 @@ built, that its arrays do not fit the cache, and what hit rate to expect.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import shutil
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from s3cache.dataset import S3ImageDataset
     from s3cache.spec import ImageSpec
     from s3cache.store import ArrayStore
+
+log = logging.getLogger(__name__)
 
 # Share of the room that warm leaves unfilled when a dataset does not fit (see fitting_items).
 WARM_MARGIN = 0.03
@@ -71,6 +74,7 @@ class StatsRecorder:
         self.directory = directory
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self._failed = False  # writing failed once (a full disk): counted in memory only from then on
         self._epoch: int | None = None
         self._base = (0,) * len(COUNTERS)
         self._last = (0,) * len(COUNTERS)
@@ -83,11 +87,19 @@ class StatsRecorder:
                 self._epoch, self._base = epoch, self._last
             self._last = now
             delta = [value - base for value, base in zip(now, self._base, strict=True)]
-            if self._fd is None:
-                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
-                self._fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT, 0o600)
-            os.pwrite(self._fd, _RECORD.pack(*delta, *(0,) * (_RECORD.size // 8 - len(delta))), epoch * _RECORD.size)
+            if self._failed:
+                return
+            try:
+                if self._fd is None:
+                    self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}.bin"
+                    self._fd = os.open(self.directory / name, os.O_WRONLY | os.O_CREAT, 0o600)
+                padding = (0,) * (_RECORD.size // 8 - len(delta))
+                os.pwrite(self._fd, _RECORD.pack(*delta, *padding), epoch * _RECORD.size)
+            except OSError as exc:  # a full or read-only disk must not stop training over a counter
+                self._failed = True
+                log.warning("s3cache: cannot record cache counters in %s (%s): ds.stats leaves this process "
+                            "out from now on", self.directory, exc)
 
     def close(self) -> None:
         """Close the file (its records stay)."""

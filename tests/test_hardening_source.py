@@ -194,8 +194,8 @@ def test_the_budget_bounds_the_memory_of_a_batch_not_just_its_requests(s3: Local
                 tracemalloc.stop()
         finally:
             loader.close()
-    # One body at a time (plus the copy that joins its chunks), where six at once hold all of theirs.
-    assert peaks[4 * mib] < 12 < 24 < peaks[64 * mib], peaks
+    # One body at a time (plus the copy that joins its chunks), where a roomy budget holds several at once.
+    assert peaks[4 * mib] < 12 and peaks[64 * mib] > peaks[4 * mib] + 8, peaks
 
 
 def test_a_body_larger_than_its_listed_size_is_refused_unread(
