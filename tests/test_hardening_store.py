@@ -29,7 +29,8 @@ from helpers import all_batches, dataset_options, object_gets
 
 import s3cache
 from s3cache import codec, ops
-from s3cache.cli import main, shown
+from s3cache.cli import main
+from s3cache.cli_format import shown
 from s3cache.config import CacheConfig
 from s3cache.errors import CacheError
 from s3cache.items import Item
