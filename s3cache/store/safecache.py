@@ -42,7 +42,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _guarded(method: _F) -> _F:
-    """Raise :class:`DamagedStoreError` for SQLite's corruption errors."""
+    """Raise :class:`~s3cache.store.faults.DamagedStoreError` for SQLite's corruption errors."""
 
     @functools.wraps(method)
     def guarded(self: SafeCache, *args: Any, **kwargs: Any) -> Any:
@@ -57,13 +57,13 @@ def _guarded(method: _F) -> _F:
 
 
 class SafeCache(diskcache.Cache):
-    """A diskcache ``Cache`` over :class:`SafeDisk` that sees only rows in s3cache's own form.
+    """A diskcache ``Cache`` over :class:`~s3cache.store.disk.SafeDisk` that sees only rows in s3cache's own form.
 
-    * Keys are listed by one query over rows in s3cache's form (:data:`SAFE_ROW`); other rows are
-      skipped, never decoded, and ``get`` reads them as missing. ``verify`` reports them.
+    * Keys are listed by one query over rows in s3cache's form (:data:`~s3cache.store.disk.SAFE_ROW`);
+      other rows are skipped, never decoded, and ``get`` reads them as missing. ``verify`` reports them.
     * Only known settings with plain values are applied from the database.
     * Writes that fail for a full disk leave no value file behind, warn once and return ``False``.
-    * Corruption raises :class:`DamagedStoreError`.
+    * Corruption raises :class:`~s3cache.store.faults.DamagedStoreError`.
     """
 
     read_only = False
@@ -246,7 +246,7 @@ class ReadOnlyCache(SafeCache):
 
 
 def open_diskcache(directory: Path, *, private: bool = True, **settings: Any) -> SafeCache:
-    """Open a diskcache store with :class:`SafeDisk`.
+    """Open a diskcache store with :class:`~s3cache.store.disk.SafeDisk`.
 
     On a full file system an existing store opens read-only (:class:`ReadOnlyCache`) instead of
     failing, since diskcache writes its settings on every open.
