@@ -19,7 +19,9 @@ import numpy as np
 from PIL import Image
 
 from s3cache.errors import DecodeError, ImageTooLargeError
-from s3cache.tfimage import INTERPOLATIONS, JpegPixels, PixelSource, crop_box, luma, pad_layout, pixels_in, resize
+from s3cache.tfcolor import JpegPixels, luma
+from s3cache.tfimage import PixelSource, crop_box, pad_layout, pixels_in, resize
+from s3cache.tfkernels import INTERPOLATIONS
 
 # Bump when decode() changes its output for the same inputs: old entries then stop matching.
 # 2: pixels as Keras's loader computes them (TensorFlow's JPEG decoding, resize kernels, crop/pad geometry).
@@ -188,7 +190,7 @@ class ImageSpec:
 
         Returns:
             The components' sampling factors when the decoder was asked for raw YCbCr planes, which
-            :class:`~s3cache.tfimage.JpegPixels` turns into TensorFlow's RGB; None otherwise.
+            :class:`~s3cache.tfcolor.JpegPixels` turns into TensorFlow's RGB; None otherwise.
         """
         if self.jpeg_draft:
             height, width = self.image_size

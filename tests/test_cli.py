@@ -340,9 +340,9 @@ def test_warm_names_the_images_that_failed(s3: LocalS3, bucket: str, cache_dir: 
 def test_percentages_reach_100_only_when_complete(
     s3: LocalS3, bucket: str, cache_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from s3cache.cli import _percent
+    from s3cache.cli_format import percent
 
-    assert [_percent(f) for f in (0, 0.001, 0.5, 0.994, 1998 / 2000, 1, 1.5)] == \
+    assert [percent(f) for f in (0, 0.001, 0.5, 0.994, 1998 / 2000, 1, 1.5)] == \
         ["0%", "<1%", "50%", "99%", "99%", "100%", "150%"]
     warm(s3, cache_dir)
     upload_photos(s3.boto3_client(), bucket, "train/", [("cat/late.jpg", make_photos(1, seed=99)[0][1])])

@@ -29,22 +29,18 @@ from helpers import all_batches, dataset_options, object_gets
 
 import s3cache
 from s3cache import codec, ops
-from s3cache.cli import main, shown
+from s3cache.cli import main
+from s3cache.cli_format import shown
 from s3cache.config import CacheConfig
 from s3cache.errors import CacheError
 from s3cache.items import Item
 from s3cache.keys import cache_key, parse_key
 from s3cache.spec import ImageSpec
-from s3cache.store import ArrayStore, MetaStore
-from s3cache.store import arrays as arrays_module
+from s3cache.store import ArrayStore, MetaStore, spectags, writepause
 from s3cache.store.directory import TRUST_SHARED_ENV, CacheDirectory, SpecRecords
-from s3cache.store.disk import (
-    CacheWritesPausedWarning,
-    DamagedStoreError,
-    SafeDisk,
-    UnsafeEntryError,
-    open_diskcache,
-)
+from s3cache.store.disk import SafeDisk, UnsafeEntryError
+from s3cache.store.faults import CacheWritesPausedWarning, DamagedStoreError
+from s3cache.store.safecache import open_diskcache
 from s3cache.testing.locals3 import ACCESS_KEY, REGION, SECRET_KEY, LocalS3
 
 URL = "s3://photos/train/"
@@ -448,7 +444,7 @@ def paused_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
 def test_training_on_a_full_disk_goes_on_from_s3_with_one_warning(
     s3: LocalS3, bucket: str, photos: list[tuple[str, bytes]], tmpfs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(arrays_module, "SPACE_CHECK_SECONDS", 0.0)  # look at the free space on every write
+    monkeypatch.setattr(writepause, "SPACE_CHECK_SECONDS", 0.0)  # look at the free space on every write
     cache_dir = tmpfs / "cache"
     reference = decoded(photos, BIG)
     expected = [reference[url] for url in sorted(reference)]
@@ -636,7 +632,7 @@ def test_shown_escapes_what_would_forge_or_hide_output() -> None:
 def test_entries_written_after_clear_are_accounted_and_their_spec_recorded_again(
     s3: LocalS3, bucket: str, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(arrays_module, "RECORD_CHECK_SECONDS", 3600.0)
+    monkeypatch.setattr(spectags, "RECORD_CHECK_SECONDS", 3600.0)
     recorded: list[str] = []
     call = SpecRecords.__call__
     monkeypatch.setattr(SpecRecords, "__call__", lambda self, tag: (recorded.append(tag), call(self, tag))[1])
@@ -658,7 +654,7 @@ def test_entries_written_after_clear_are_accounted_and_their_spec_recorded_again
     assert info["specs"][SMALL.fingerprint]["entries"] == 24 and info["unrecorded"]["entries"] == 0
 
     ops.clear_cache(cache_dir)
-    monkeypatch.setattr(arrays_module, "RECORD_CHECK_SECONDS", 0.0)
+    monkeypatch.setattr(spectags, "RECORD_CHECK_SECONDS", 0.0)
     ds.loader.store.record_specs()  # (the next check is due at once)
     all_batches(ds)
     assert ops.cache_info(cache_dir)["specs"][SMALL.fingerprint]["entries"] == 24

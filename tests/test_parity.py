@@ -22,7 +22,8 @@ from PIL import Image
 
 from s3cache.spec import ImageSpec
 from s3cache.testing.sampledata import make_photos, write_photos
-from s3cache.tfimage import INTERPOLATIONS, crop_box
+from s3cache.tfimage import crop_box
+from s3cache.tfkernels import INTERPOLATIONS
 
 # Not square, so that a swapped height and width cannot pass; the photos are smaller and larger than this.
 IMAGE_SIZE = (24, 32)

@@ -1,14 +1,41 @@
-"""s3cache's own SQLite connections to a diskcache database: per-thread readers and one writer."""
+"""s3cache's own SQLite connections to a diskcache database: per-thread readers and one writer.
+
+Readers open read-only (:func:`connect_readonly`), and still read on a file system too full for the WAL index.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from s3cache.store.disk import connect_readonly
+from s3cache.store.faults import is_disk_full
+
+log = logging.getLogger(__name__)
+
+
+def connect_readonly(database: Path) -> sqlite3.Connection:
+    """A read-only connection to a database, usable from any thread.
+
+    A reader of a WAL database needs the shared WAL index (``-shm``); on a full file system that
+    file cannot be created or grown. Then the database file is read as it is, without the index
+    (``immutable``): what a live writer has not checkpointed yet is not seen, but nothing is written.
+    """
+    uri = database.absolute().as_uri()
+    con = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+    try:
+        con.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
+    except sqlite3.OperationalError as exc:
+        con.close()
+        if not is_disk_full(exc, database.parent):
+            raise
+        log.info("reading %s without its WAL index: %s", database, exc)
+        con = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=60, isolation_level=None,
+                              check_same_thread=False)
+    return con
 
 
 class Connections:
@@ -30,7 +57,7 @@ class Connections:
         """This thread's read-only connection (SQLite connections belong to one thread).
 
         On a full file system it may read the database file without the WAL index
-        (:func:`~s3cache.store.disk.connect_readonly`); :meth:`refresh_readers` replaces such
+        (:func:`connect_readonly`); :meth:`refresh_readers` replaces such
         connections once space is back.
         """
         con: sqlite3.Connection | None = getattr(self._readers, "con", None)

@@ -19,18 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from s3cache.errors import CacheError
-from s3cache.store.arrays import ArrayStore, Problem
-from s3cache.store.disk import (
-    DBNAME,
-    SafeCache,
-    database_damage,
-    is_value_file,
-    open_diskcache,
-    read_setting,
-    rebuild_store,
-    write_on_full_disk,
-)
+from s3cache.store.arrays import ArrayStore
+from s3cache.store.disk import DBNAME, is_value_file
 from s3cache.store.meta import MetaStore
+from s3cache.store.repair import database_damage, read_setting, rebuild_store, write_on_full_disk
+from s3cache.store.safecache import SafeCache, open_diskcache
+from s3cache.store.verify import Problem
 
 #: The environment variable that opts in to a shared cache directory (any of 1, true, yes).
 TRUST_SHARED_ENV = "S3CACHE_TRUST_SHARED"

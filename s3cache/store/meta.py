@@ -16,7 +16,7 @@ from typing import Any
 
 from s3cache.items import Item
 from s3cache.store.connection import Connections
-from s3cache.store.disk import open_diskcache
+from s3cache.store.safecache import open_diskcache
 
 _LISTING = "listing/"
 _SPEC = "spec/"

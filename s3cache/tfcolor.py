@@ -1,0 +1,122 @@
+"""TensorFlow's JPEG and PNG colour arithmetic, with NumPy.
+
+TensorFlow decodes JPEGs with libjpeg's fast integer DCT and converts color PNGs to grayscale with
+libpng's weights. Pillow decodes with the accurate DCT (a mean difference of about 1 on 0-255), so
+:class:`JpegPixels` rebuilds TensorFlow's RGB from the planes libjpeg decodes in fast mode (at the
+pixels a resize reads: it is a :class:`~s3cache.tfimage.PixelSource`), and :func:`luma` weighs
+colors as libpng does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from s3cache.tfimage import take_pixels
+
+# libpng's rgb_to_gray weights for (0.299, 0.587), in 1/32768 and truncated, as TensorFlow's PNG decoder asks.
+_LUMA_WEIGHTS = (9797, 19234, 3737)
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """The ``(height, width)`` gray ``uint8`` image libpng makes of an ``(height, width, 3)`` RGB one."""
+    red, green, blue = (rgb[..., i].astype(np.uint32) * weight for i, weight in enumerate(_LUMA_WEIGHTS))
+    return ((red + green + blue) >> 15).astype(np.uint8)
+
+
+def _fixed(value: float) -> int:
+    """A coefficient in 16-bit fixed point, as libjpeg's FIX() rounds it."""
+    return int(value * (1 << 16) + 0.5)
+
+
+# libjpeg's YCbCr -> RGB coefficients (jdcolor.c); each offset is rounded (+1/2) and floored (>> 16).
+_CR_TO_R, _CB_TO_B = _fixed(1.40200), _fixed(1.77200)
+_CB_TO_G, _CR_TO_G = -_fixed(0.34414), -_fixed(0.71414)
+_HALF = 1 << 15
+# Pixels per block of JpegPixels.take: its int32 temporaries then fit in a core's cache.
+_CONVERT_BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class JpegPixels:
+    """The RGB pixels libjpeg outputs for a YCbCr JPEG, rebuilt from the planes it decodes in fast mode.
+
+    With Pillow's draft flag, libjpeg decodes with the fast integer DCT, as TensorFlow does, but it also
+    repeats each chroma sample over the pixels it covers, where TensorFlow's decode interpolates ("fancy"
+    upsampling: weights 3/4 and 1/4 per doubled axis). :meth:`take` redoes that interpolation and the
+    YCbCr -> RGB conversion with libjpeg's integer arithmetic, at the requested pixels only.
+
+    Attributes:
+        ycbcr: ``(height, width, 3)`` ``uint8`` planes, chroma repeated over the pixels each sample covers.
+        sampling: ``(horizontal, vertical)`` sampling factors of the Y, Cb and Cr components; each chroma
+            plane has Y's, or half as many columns, or half as many columns and rows (4:4:4, 4:2:2, 4:2:0).
+        alpha: Append an opaque alpha channel.
+    """
+
+    ycbcr: np.ndarray
+    sampling: list[tuple[int, int]]
+    alpha: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(height, width, channels)``."""
+        return (*self.ycbcr.shape[:2], 4 if self.alpha else 3)
+
+    def take(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The ``uint8`` RGB(A) pixels at the crossings of ``rows`` and ``cols``."""
+        luma_plane = take_pixels(self.ycbcr[..., 0], rows, cols)
+        cb, cr = (self._chroma(channel, rows, cols) for channel in (1, 2))
+        out = np.empty((len(rows), len(cols), self.shape[2]), np.uint8)
+        if self.alpha:
+            out[..., 3] = 255
+        # A few rows at a time, so that the int32 temporaries stay in cache on large images.
+        step = max(1, _CONVERT_BLOCK // max(1, len(cols)))
+        for start in range(0, len(rows), step):
+            block = slice(start, start + step)
+            _ycbcr_to_rgb(luma_plane[block], cb[block], cr[block], out[block])
+        return out
+
+    def _chroma(self, channel: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """One chroma plane upsampled as libjpeg's fancy upsampling does, at ``rows`` x ``cols``, as int16."""
+        (max_h, max_v), (h, v) = self.sampling[0], self.sampling[channel]
+        across, down = max_h // h, max_v // v
+        samples = self.ycbcr[::down, ::across, channel]
+        # libjpeg interpolates doubled columns (and rows with them) only in planes over 2 samples wide.
+        if across != 2 or samples.shape[1] <= 2:
+            return take_pixels(self.ycbcr[..., channel], rows, cols).astype(np.int16)
+        if down == 2:
+            # Column sums: 3 x the nearer sample row + the farther one (the next for odd rows, else the previous).
+            nearer = rows // 2
+            farther = np.clip(nearer + np.where(rows % 2, 1, -1), 0, samples.shape[0] - 1)
+            sums = 3 * samples[nearer].astype(np.int16) + samples[farther]
+            wide = _widen(sums, (8, 7), 4)  # h2v2: in 16ths
+        else:
+            wide = _widen(samples[rows].astype(np.int16), (1, 2), 2)  # h2v1: in quarters
+        return take_pixels(wide, np.arange(len(rows)), cols)
+
+
+def _widen(sums: np.ndarray, biases: tuple[int, int], shift: int) -> np.ndarray:
+    """Double the columns: 3 x the nearer column + the farther one, plus libjpeg's biases, shifted down.
+
+    The farther column is the previous one for even outputs, the next for odd ones, repeated at the edges.
+    """
+    left = np.concatenate([sums[:, :1], sums[:, :-1]], axis=1)
+    right = np.concatenate([sums[:, 1:], sums[:, -1:]], axis=1)
+    out = np.empty((sums.shape[0], 2 * sums.shape[1]), sums.dtype)
+    out[:, 0::2] = (3 * sums + left + biases[0]) >> shift
+    out[:, 1::2] = (3 * sums + right + biases[1]) >> shift
+    return out
+
+
+def _ycbcr_to_rgb(luma_plane: np.ndarray, cb: np.ndarray, cr: np.ndarray, out: np.ndarray) -> None:
+    """Write libjpeg's RGB for ``uint8`` luma and int16 chroma planes into ``out[..., :3]``."""
+    cb, cr = cb.astype(np.int32) - 128, cr.astype(np.int32) - 128
+    for channel, offset in enumerate(
+        (_CR_TO_R * cr + _HALF, _CB_TO_G * cb + _CR_TO_G * cr + _HALF, _CB_TO_B * cb + _HALF)
+    ):
+        offset >>= 16
+        offset += luma_plane
+        np.maximum(offset, 0, out=offset)
+        np.minimum(offset, 255, out=offset)
+        out[..., channel] = offset
