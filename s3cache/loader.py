@@ -154,13 +154,16 @@ class Loader:
         if fetch:
             if self.source is None:
                 raise NotCachedError.for_objects([items[i].url for i in fetch])
-            waiting.update(self._start_or_join({i: keys[i] for i in fetch}, items))
+            started, filled = self._start_or_join({i: keys[i] for i in fetch}, items)
+            waiting.update(started)
+            for index, entry in filled.items():
+                entries[index] = entry
         try:
             results = {index: future.result() for index, future in waiting.items()}
         finally:  # served or failed: a later batch must start afresh, not join a failed read
             with self._lock:
                 for index in fetch:
-                    if self._pending.get(keys[index]) is waiting[index]:
+                    if index in waiting and self._pending.get(keys[index]) is waiting[index]:
                         del self._pending[keys[index]]
         for index, result in results.items():
             entries[index] = result.entry
@@ -269,18 +272,28 @@ class Loader:
         with self._lock:
             self._counts[name] += amount
 
-    def _start_or_join(self, keys: dict[int, str], items: Sequence[Item]) -> dict[int, _Reading]:
+    def _start_or_join(self, keys: dict[int, str],
+                       items: Sequence[Item]) -> tuple[dict[int, _Reading], dict[int, Entry]]:
         """Reads of the items at the given positions: joined if a read-ahead started them, else started now.
 
         Started reads are registered as pending (the caller removes them once served), so a read-ahead
-        on another thread joins them instead of reading the same item again.
+        on another thread joins them instead of reading the same item again. An item another thread's
+        read-ahead stored since the caller looked (and whose read is no longer pending) is read from the
+        store instead, and returned apart.
         """
         with self._lock:
             joined = {i: future for i, key in keys.items() if (future := self._pending.get(key))}
             fresh = [i for i in keys if i not in joined]
+            found = self._fetcher.get_many([keys[i] for i in fresh]) if fresh else []
+            filled = {i: entry for i, entry in zip(fresh, found, strict=True) if entry is not None}
+            early = [keys[i] for i in filled if keys[i] in self._unserved]
+            self._unserved.difference_update(early)
+            self._counts["misses"] += len(early)
+            self._counts["hits"] += len(filled) - len(early)
+            fresh = [i for i in fresh if i not in filled]
             started = self._fetcher.start([items[i] for i in fresh], [keys[i] for i in fresh])
             self._pending.update((keys[i], future) for i, future in zip(fresh, started, strict=True))
-        return joined | dict(zip(fresh, started, strict=True))
+        return joined | dict(zip(fresh, started, strict=True)), filled
 
     def _resolve(self, item: Item, entry: Entry | None) -> np.ndarray | None:
         if not isinstance(entry, codec.Failure):
