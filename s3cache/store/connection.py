@@ -79,17 +79,8 @@ class Connections:
                 self._writer = sqlite3.connect(self.path, timeout=60, isolation_level=None,
                                                check_same_thread=False)
                 self._writer.execute("PRAGMA synchronous = NORMAL")
-            con = self._writer
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(self._writer) as con:
                 yield con
-                con.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT (a full disk) may leave the transaction open: end it either way.
-                if con.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        con.execute("ROLLBACK")
-                raise
 
     def close(self) -> None:
         """Close the writer and every reader."""
@@ -101,3 +92,20 @@ class Connections:
             con.close()
         self._all_readers.clear()
         self._readers = threading.local()
+
+
+@contextlib.contextmanager
+def immediate_transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` on a connection in autocommit mode, rolled back on any error.
+
+    A failed ``COMMIT`` (a full disk) may leave the transaction open: it is ended either way.
+    """
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                con.execute("ROLLBACK")
+        raise

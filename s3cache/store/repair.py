@@ -8,7 +8,6 @@ file system too full for the WAL index.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -21,7 +20,7 @@ from typing import Any
 from diskcache.core import DBNAME
 
 from s3cache.errors import CacheError
-from s3cache.store.connection import connect_readonly
+from s3cache.store.connection import connect_readonly, immediate_transaction
 from s3cache.store.disk import DATABASE_FILES
 from s3cache.store.faults import CacheFullError, is_damaged, is_disk_full
 
@@ -44,15 +43,8 @@ def write_on_full_disk(database: Path, write: Callable[[sqlite3.Connection], Non
         try:
             if exclusive:
                 con.execute("PRAGMA locking_mode = EXCLUSIVE")
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(con):
                 write(con)
-                con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        con.execute("ROLLBACK")
-                raise
             return
         except (OSError, sqlite3.Error) as exc:
             if not is_disk_full(exc, database.parent):
