@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +50,27 @@ def encode(array: np.ndarray, fmt: str = "JPEG", **kwargs: Any) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, fmt, **kwargs)
     return buffer.getvalue()
+
+
+WORKERS = Path(__file__).with_name("workers.py")
+
+
+def run_together(commands: list[list[str]], tmp_path: Path, env: dict[str, str],
+                 timeout: float = 300) -> list[subprocess.CompletedProcess[str]]:
+    """Start ``workers.py`` processes, release them at once when all are ready, and wait for them."""
+    go = tmp_path / "go"
+    readies = [tmp_path / f"ready-{i}" for i in range(len(commands))]
+    processes = [subprocess.Popen([sys.executable, str(WORKERS), str(ready), str(go), *command], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for ready, command in zip(readies, commands, strict=True)]
+    deadline = time.monotonic() + 120
+    while not all(ready.exists() for ready in readies):
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        assert time.monotonic() < deadline, "workers never got ready"
+        time.sleep(0.01)
+    go.touch()
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results

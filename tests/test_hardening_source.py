@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import all_batches, dataset_options, encode, object_gets, stack_images
+from helpers import all_batches, dataset_options, encode, object_gets, run_together, stack_images
 
 import s3cache
 from s3cache.config import CacheConfig
@@ -42,7 +42,6 @@ from s3cache.testing.sampledata import make_photos, upload_photos
 
 URL = "s3://photos/train/"
 SPEC = ImageSpec((32, 32))
-WORKERS = Path(__file__).with_name("workers.py")
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -369,26 +368,6 @@ def test_an_object_rewritten_after_listing_is_fetched_once_and_served_offline(
 
 
 # -- 4. processes sharing a cache fetch each object once ----------------------------------------------------------
-
-
-def run_together(commands: list[list[str]], tmp_path: Path, env: dict[str, str]) -> list[subprocess.CompletedProcess]:
-    """Start the workers, release them at once when all are ready, and wait for them."""
-    go = tmp_path / "go"
-    readies = [tmp_path / f"ready-{i}" for i in range(len(commands))]
-    processes = [subprocess.Popen([sys.executable, str(WORKERS), str(ready), str(go), *command], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for ready, command in zip(readies, commands, strict=True)]
-    deadline = time.monotonic() + 120
-    while not all(ready.exists() for ready in readies):
-        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
-        assert time.monotonic() < deadline, "workers never got ready"
-        time.sleep(0.01)
-    go.touch()
-    results = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=300)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-    return results
 
 
 def test_processes_warming_one_prefix_fetch_each_object_once(s3: LocalS3, cache_dir: Path, tmp_path: Path) -> None:

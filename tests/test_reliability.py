@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, ResponseStreamingError
-from helpers import all_batches, dataset_options, object_gets
+from helpers import all_batches, dataset_options, object_gets, run_together
 
 import s3cache
 from s3cache.errors import (
@@ -45,7 +45,6 @@ from s3cache.testing.locals3 import ACCESS_KEY, REGION, SECRET_KEY, LocalS3
 URL = "s3://photos/train/"
 SMALL = ImageSpec((32, 32))
 BIG = ImageSpec((128, 128))  # 48 KiB arrays: diskcache keeps them in value files, not inline in SQLite
-WORKERS = Path(__file__).with_name("workers.py")
 NO_RETRIES = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 
 
@@ -290,26 +289,6 @@ def test_verify_fix_removes_what_a_killed_writer_left(s3: LocalS3, bucket: str, 
 # -- 3. concurrent processes -----------------------------------------------------------------------------------
 
 
-def run_together(commands: list[list[str]], tmp_path: Path) -> list[subprocess.CompletedProcess[str]]:
-    """Start the workers, release them at once when all are ready, and wait for them."""
-    go = tmp_path / "go"
-    readies = [tmp_path / f"ready-{i}" for i in range(len(commands))]
-    processes = [subprocess.Popen([sys.executable, str(WORKERS), str(ready), str(go), *command], env=cli_env(),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for ready, command in zip(readies, commands, strict=True)]
-    deadline = time.monotonic() + 120
-    while not all(ready.exists() for ready in readies):
-        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
-        assert time.monotonic() < deadline, "workers never got ready"
-        time.sleep(0.01)
-    go.touch()
-    results = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=180)
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-    return results
-
-
 @pytest.mark.slow
 def test_concurrent_processes_share_one_cache(
     s3: LocalS3, bucket: str, photos: list[tuple[str, bytes]], cache_dir: Path, tmp_path: Path
@@ -325,7 +304,7 @@ def test_concurrent_processes_share_one_cache(
          s3.endpoint_url, "--cache-size-limit", str(limit), "--concurrency", "4"],
         ["train", json.dumps(train | {"image_size": [128, 128]})],
         ["train", json.dumps(train | {"image_size": [32, 32], "color_mode": "grayscale"})],
-    ], tmp_path)
+    ], tmp_path, cli_env(), timeout=180)
     for result in results:
         assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
 
