@@ -14,8 +14,8 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from s3cache.arguments import check_array_size, image_size_of
-from s3cache.cli_format import describe_spec, percent, shown, size_text
-from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
+from s3cache.cli_format import describe_spec, percent, shown
+from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig, size_text
 from s3cache.spec import ImageSpec
 from s3cache.urls import prefix_of
 

@@ -20,15 +20,6 @@ def shown(text: object) -> str:
                    for char in text)
 
 
-def size_text(count: float) -> str:
-    """A byte count in decimal units (``512 B``, ``1.5 MB``), as the command prints sizes."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
-
-
 def percent(fraction: float) -> str:
     """A percentage that reads 100% only when complete and 0% only when nothing is there."""
     if fraction <= 0:

@@ -48,6 +48,15 @@ def parse_size(value: int | str) -> int:
     return size
 
 
+def size_text(count: float) -> str:
+    """A byte count in decimal units (``512 B``, ``1.5 MB``), as messages and the command print sizes."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
 def default_cache_dir() -> Path:
     """``$S3CACHE_DIR`` if set, else ``~/.cache/s3cache``."""
     return Path(os.environ.get("S3CACHE_DIR") or Path.home() / ".cache" / "s3cache").expanduser()

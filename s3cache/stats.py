@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from s3cache import codec
+from s3cache.config import size_text
 from s3cache.items import Item
 from s3cache.keys import cache_key
 from s3cache.store.policy import footprint
@@ -269,11 +270,12 @@ def warn_if_larger_than_cache(items: Sequence[Item], spec: ImageSpec, arrays: Ar
     fraction = room / need if need else 1.0
     height, width, channels = spec.shape
     warnings.warn(
-        f"s3cache: the {len(items):,} images of this dataset need about {_size(need)} of cache at "
-        f"{height}x{width}x{channels}, more than the cache's size limit of {_size(limit)} "
+        f"s3cache: the {len(items):,} images of this dataset need about {size_text(need)} of cache at "
+        f"{height}x{width}x{channels}, more than the cache's size limit of {size_text(limit)} "
         f"({arrays.directory.parent}). Expect about {fraction:.0%} cache hits per epoch once the cache is full: "
         "it keeps the images it holds and reads the others from S3 every epoch. To cache them all, set "
-        f"cache_size_limit to at least {_size(need + _empty_store_bytes())} (or `s3cache warm --cache-size-limit`).",
+        f"cache_size_limit to at least {size_text(need + _empty_store_bytes())} "
+        "(or `s3cache warm --cache-size-limit`).",
         CacheTooSmallWarning, stacklevel=stacklevel)
     return fraction
 
@@ -281,11 +283,3 @@ def warn_if_larger_than_cache(items: Sequence[Item], spec: ImageSpec, arrays: Ar
 def _empty_store_bytes() -> int:
     """Bytes an empty array store counts toward its limit (its database's own pages)."""
     return 12 * _PAGE
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1000:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
