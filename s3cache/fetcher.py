@@ -26,13 +26,14 @@ import numpy as np
 
 from s3cache import codec
 from s3cache.errors import DecodeError, ObjectTooLargeError
-from s3cache.futures import ByteBudget, done_future, fail, forward, resolve
+from s3cache.futures import ByteBudget, done_future, fail, resolve
 from s3cache.items import Item
 from s3cache.keys import cache_key
 from s3cache.source import DEFAULT_BYTES_IN_FLIGHT, DEFAULT_MAX_OBJECT_SIZE, Payload, Source
 from s3cache.source.ledger import FetchLedger
 from s3cache.spec import ImageSpec
 from s3cache.store import ArrayStore
+from s3cache.writer import BatchWriter
 
 Entry = np.ndarray | codec.Failure
 
@@ -116,6 +117,7 @@ class Fetcher:
         if ledger is True:
             ledger = FetchLedger.in_directory(store.directory.parent, read_only=source is None)
         self.ledger: FetchLedger | None = ledger or None
+        self._writer = BatchWriter(store, self._fingerprint, self.ledger)
         # Listed key -> key of the version actually read, for objects rewritten since listing.
         self._versions: dict[str, str] = {}
         self._waits: dict[str, _Wait] = {}
@@ -184,8 +186,9 @@ class Fetcher:
             ledger = self.ledger
 
             def release(done: concurrent.futures.Future[FetchResult]) -> None:
-                ok = not done.cancelled() and done.exception() is None
-                ledger.release(key, done.result().stored_key if ok else None)
+                # A stored entry's claim was released by the writer, before the result was resolved.
+                if done.cancelled() or done.exception() is not None or done.result().stored_key is None:
+                    ledger.release(key)
 
             result.add_done_callback(release)
         size = self._budget.weigh(item.size)
@@ -222,15 +225,16 @@ class Fetcher:
                 fail(result, error)
             else:
                 try:
-                    decoding = self._decode_pool.submit(self._decode_and_store, item, key, read.result())
+                    decoding = self._decode_pool.submit(self._decode, item, key, read.result())
                 except RuntimeError as exc:  # the pool was shut down: the loader is closing
                     fail(result, exc)
                     return
-                decoding.add_done_callback(lambda done: forward(done, result))
+                decoding.add_done_callback(lambda done: self._store(done, key, result))
 
         reading.add_done_callback(on_read)
 
-    def _decode_and_store(self, item: Item, key: str, payload: Payload) -> FetchResult:
+    def _decode(self, item: Item, key: str, payload: Payload) -> tuple[FetchResult, bytes]:
+        """Decode an item's bytes: the result to serve and the encoded entry to store."""
         # Keyed by the ETag actually read: if the object changed since listing, this is its new version,
         # and this loader looks the listed item up there from now on.
         stored_key = self.key(item, payload.etag)
@@ -246,9 +250,32 @@ class Fetcher:
             log.info("%s changed since it was listed (ETag %s listed, %s read): serving the version read",
                      item.url, item.etag, payload.etag)
             self._versions[self.key(item)] = stored_key
-        self.store.put(stored_key, encoded, tag=self._fingerprint)
-        self.store.cull()
-        return FetchResult(entry, fetched=True, stored_key=stored_key)
+        return FetchResult(entry, fetched=True, stored_key=stored_key), encoded
+
+    def _store(self, decoding: concurrent.futures.Future[tuple[FetchResult, bytes]], key: str,
+               result: concurrent.futures.Future[FetchResult]) -> None:
+        """Hand a decoded entry to the store writer; ``result`` is resolved once the entry is stored."""
+        if decoding.cancelled():
+            result.cancel()
+            return
+        if (error := decoding.exception()) is not None:
+            fail(result, error)
+            return
+        fetched, encoded = decoding.result()
+        assert fetched.stored_key is not None
+        try:
+            writing = self._writer.submit(fetched.stored_key, encoded, claimed=key)
+        except RuntimeError as exc:  # the writer was closed: the loader is closing
+            fail(result, exc)
+            return
+
+        def on_written(done: concurrent.futures.Future[bool]) -> None:
+            if (error := done.exception()) is not None:
+                fail(result, error)
+            else:
+                resolve(result, fetched)
+
+        writing.add_done_callback(on_written)
 
     # -- waiting for other processes ------------------------------------------------------------
 
@@ -336,5 +363,6 @@ class Fetcher:
         for wait in waits.values():
             wait.result.cancel()
         self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        self._writer.close()
         if self.ledger is not None:
             self.ledger.close()

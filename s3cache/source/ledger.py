@@ -144,20 +144,27 @@ class FetchLedger:
                 changed since listing; the same one forgets any such record; ``None`` (the fetch
                 failed) records nothing.
         """
+        self.release_many([(key, stored_key)])
+
+    def release_many(self, releases: Sequence[tuple[str, str | None]]) -> None:
+        """Give up claims in one transaction: ``(key, stored_key)`` pairs as :meth:`release` takes them."""
         with self._lock:
-            held = key in self._held
-            self._held.discard(key)
-        if not self.enabled or (not held and stored_key is None):
+            held = {key for key, _ in releases if key in self._held}
+            self._held.difference_update(held)
+        releases = [(key, stored) for key, stored in releases if key in held or stored is not None]
+        if not self.enabled or not releases:
             return
         try:
             with self._transaction() as con:
                 if con is None:
                     return
-                con.execute("DELETE FROM claims WHERE key = ? AND token = ?", (key, self.token))
-                if stored_key is not None and stored_key != key:
-                    con.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?)", (key, stored_key, time.time()))
-                elif stored_key is not None:
-                    con.execute("DELETE FROM versions WHERE listed_key = ?", (key,))
+                con.executemany("DELETE FROM claims WHERE key = ? AND token = ?",
+                                [(key, self.token) for key, _ in releases])
+                now = time.time()
+                con.executemany("INSERT OR REPLACE INTO versions VALUES (?, ?, ?)",
+                                [(key, stored, now) for key, stored in releases if stored not in (None, key)])
+                con.executemany("DELETE FROM versions WHERE listed_key = ?",
+                                [(key,) for key, stored in releases if stored == key])
         except sqlite3.Error as exc:
             self._switch_off(exc)
 

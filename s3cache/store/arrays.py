@@ -38,7 +38,7 @@ from s3cache.store.rows import (
     Row,
     decode_row,
     delete_rows,
-    insert_row,
+    insert_rows,
     remove_value_files,
     safe_keys,
     select_rows,
@@ -207,37 +207,48 @@ class ArrayStore:
     # -- writing ------------------------------------------------------------------------------------
 
     def put(self, key: str, entry: bytes, tag: str) -> bool:
-        """Store an encoded entry, stamped with the run's generation; returns whether it wrote.
+        """Store one encoded entry (see :meth:`put_many`); returns whether it wrote."""
+        return self.put_many([(key, entry)], tag)[0]
 
-        Nothing is written if another writer stored the key first, or if the entry does not fit
-        and the policy does not admit it (the caller still has the array it serves). The entry is
-        bound to ``key`` (:func:`s3cache.codec.bind`) unless it was encoded bound.
-        On a full file system nothing is stored (no file is left behind) and writes pause, with
-        one warning: later calls return ``False`` at once until the file system has room again
-        (checked at most every :data:`~s3cache.store.writepause.SPACE_CHECK_SECONDS`) or
-        :data:`~s3cache.store.writepause.WRITE_RETRY_SECONDS` have passed, when a write is tried again.
+    def put_many(self, entries: Sequence[tuple[str, bytes]], tag: str) -> list[bool]:
+        """Store encoded entries under their keys in one transaction, stamped with the run's generation.
+
+        Returns whether each was written: nothing is written for a key another writer stored first,
+        nor for an entry that does not fit when the policy does not admit it (the caller still has
+        the array it serves). Entries are bound to their keys (:func:`s3cache.codec.bind`) unless
+        they were encoded bound. On a full file system nothing is stored (no file is left behind)
+        and writes pause, with one warning: later calls write nothing at once until the file system
+        has room again (checked at most every :data:`~s3cache.store.writepause.SPACE_CHECK_SECONDS`)
+        or :data:`~s3cache.store.writepause.WRITE_RETRY_SECONDS` have passed, when a write is tried again.
 
         Raises:
-            TypeError: ``entry`` is not bytes.
+            TypeError: An entry is not bytes.
             DamagedStoreError: The database is damaged.
         """
-        if not isinstance(entry, bytes):
-            raise TypeError(f"cache values must be bytes, got {type(entry).__name__}")
-        if not self.admits(len(entry)) or not self._write_pause.may_write(len(entry)):
-            return False
-        value = codec.bind(entry, key)
+        for _, entry in entries:
+            if not isinstance(entry, bytes):
+                raise TypeError(f"cache values must be bytes, got {type(entry).__name__}")
+        admitted = self._limit.admitted([len(entry) for _, entry in entries])
+        wanted = [i for i, (_, entry) in enumerate(entries)
+                  if admitted[i] and self._write_pause.may_write(len(entry))]
+        written = [False] * len(entries)
+        if not wanted:
+            return written
         try:
-            wrote = insert_row(self._connections, self._writable().disk, self.recency, key, value, tag)
+            inserted = insert_rows(self._connections, self._writable().disk, self.recency,
+                                   [(entries[i][0], codec.bind(entries[i][1], entries[i][0])) for i in wanted], tag)
         except (OSError, sqlite3.Error) as exc:
             if isinstance(exc, sqlite3.DatabaseError) and is_damaged(exc):
                 raise DamagedStoreError(self.directory, exc) from exc
             if not (isinstance(exc, CacheFullError) or is_disk_full(exc, self.directory)):
                 raise
             self._write_pause.pause(exc)
-            return False
+            return written
         self._write_pause.resume()
         self._written_tags.note(tag)
-        return wrote
+        for i, wrote in zip(wanted, inserted, strict=True):
+            written[i] = wrote
+        return written
 
     def _writable(self) -> SafeCache:
         """The store opened for writing; a store opened read-only (full disk) is reopened first.

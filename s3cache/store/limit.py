@@ -10,10 +10,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from s3cache.store.connection import Connections
 from s3cache.store.disk import SafeDisk
 from s3cache.store.policy import EvictionPolicy
 from s3cache.store.recency import RecencyLog
+
+# Pages of the database plus the value files diskcache counts, and the stored limit.
+_MEASURE = ("SELECT (SELECT page_count FROM pragma_page_count()) * (SELECT page_size FROM pragma_page_size())"
+            " + (SELECT value FROM Settings WHERE key = 'size'), (SELECT value FROM Settings WHERE key = 'size_limit')")
 
 
 class SizeLimit:
@@ -33,25 +39,31 @@ class SizeLimit:
     @property
     def size_limit(self) -> int:
         """The store's size limit in bytes, as last set by any process."""
-        return int(self._setting("size_limit"))
+        return self._measure()[1]
 
-    def _setting(self, name: str) -> int:
-        """A diskcache setting as stored now (read on this thread's own connection)."""
-        row = self._connections.reader().execute("SELECT value FROM Settings WHERE key = ?", (name,)).fetchone()
-        return int(row[0])
-
-    def _volume(self) -> int:
-        """The store's volume (database plus value files), read on this thread's own connection."""
-        con = self._connections.reader()
-        (pages,) = con.execute("PRAGMA page_count").fetchone()
-        (page_size,) = con.execute("PRAGMA page_size").fetchone()
-        return int(pages) * int(page_size) + self._setting("size")
+    def _measure(self) -> tuple[int, int]:
+        """The store's volume (database plus value files) and size limit, in one query on this thread's connection."""
+        volume, limit = self._connections.reader().execute(_MEASURE).fetchone()
+        return int(volume), int(limit)
 
     def admits(self, size: int) -> bool:
         """Whether an entry of ``size`` bytes would be stored now: it fits, or the policy can make room."""
-        if self._volume() + size <= self.size_limit:
-            return True
-        return self.policy.admits(self._connections.reader(), self.recency.current)
+        return self.admitted([size])[0]
+
+    def admitted(self, sizes: Sequence[int]) -> list[bool]:
+        """Which entries of these sizes, stored in this order, would be stored now (see :meth:`admits`)."""
+        volume, limit = self._measure()
+        room, makes_room = limit - volume, None
+        verdicts = []
+        for size in sizes:
+            if size <= room:
+                room -= size
+                verdicts.append(True)
+                continue
+            if makes_room is None:
+                makes_room = self.policy.admits(self._connections.reader(), self.recency.current)
+            verdicts.append(makes_room)
+        return verdicts
 
     def cull(self, disk: SafeDisk) -> int:
         """Evict entries chosen by the policy until the store is within its size limit.
@@ -63,10 +75,13 @@ class SizeLimit:
             The number of entries removed.
         """
         removed = 0
-        while (excess := self._volume() - self.size_limit) > 0:
+        while True:
+            volume, limit = self._measure()
+            if volume <= limit:
+                break
             self.recency.flush()
             with self._connections.write_transaction() as con:
-                victims = self.policy.victims(con, excess, self.recency.current)
+                victims = self.policy.victims(con, volume - limit, self.recency.current)
                 con.executemany("DELETE FROM Cache WHERE rowid = ?", [(v.rowid,) for v in victims])
             if not victims:
                 break
@@ -75,3 +90,4 @@ class SizeLimit:
                 if victim.filename:
                     disk.remove(victim.filename)
         return removed
+

@@ -100,30 +100,42 @@ def read_file(path: str, size: int) -> bytes:
         os.close(fd)
 
 
-def insert_row(
-    connections: Connections, disk: SafeDisk, recency: RecencyLog, key: str, value: bytes, tag: str
-) -> bool:
-    """Insert a row (and its value file) stamped with the run's generation unless the key exists.
+def insert_rows(
+    connections: Connections, disk: SafeDisk, recency: RecencyLog, entries: Sequence[tuple[str, bytes]], tag: str
+) -> list[bool]:
+    """Insert rows (and their value files) stamped with the run's generation, in one transaction.
 
-    A failure leaves no file behind; returns whether the row was inserted.
+    A key that exists already (another writer stored it first) keeps its row. A failure leaves none of
+    the new files behind.
+
+    Returns:
+        Whether each entry's row was inserted.
     """
-    size, mode, filename, db_value = disk.store(value, False, key=key)
+    stored = []
     try:
+        for key, value in entries:
+            stored.append(disk.store(value, False, key=key))
         now, gen = time.time(), recency.stamp().gen
         with connections.write_transaction() as con:
-            exists = con.execute("SELECT 1 FROM Cache WHERE key = ? AND raw = 1", (key,)).fetchone()
-            if exists is None:
-                con.execute(
-                    "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag, size,"
-                    " mode, filename, value) VALUES (?, 1, ?, NULL, ?, 0, ?, ?, ?, ?, ?)",
-                    (key, now, gen, tag, size, mode, filename, db_value))
+            taken = {row[0] for row in select_rows(con, "key", [key for key, _ in entries])}
+            inserted = []
+            for key, _ in entries:
+                inserted.append(key not in taken)
+                taken.add(key)  # a key twice in one batch: its first entry wins
+            con.executemany(
+                "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag, size, mode,"
+                " filename, value) VALUES (?, 1, ?, NULL, ?, 0, ?, ?, ?, ?, ?)",
+                [(key, now, gen, tag, *columns)
+                 for (key, _), columns, new in zip(entries, stored, inserted, strict=True) if new])
     except BaseException:
-        if filename is not None:
-            disk.remove(filename)
+        for _, _, filename, _ in stored:
+            if filename is not None:
+                disk.remove(filename)
         raise
-    if exists is not None and filename is not None:
-        disk.remove(filename)  # another writer won: its copy stays
-    return exists is None
+    for (_, _, filename, _), new in zip(stored, inserted, strict=True):
+        if not new and filename is not None:
+            disk.remove(filename)  # another writer won: its copy stays
+    return inserted
 
 
 def delete_rows(connections: Connections, disk: SafeDisk, rows: Sequence[tuple[int, str | None]]) -> None:
