@@ -14,6 +14,10 @@ from PIL import Image
 
 from s3cache.testing.locals3 import LocalS3
 
+# Images resized to FILE_SIDE x FILE_SIDE make entries of 300 KB, stored as value files (smaller ones
+# are rows of the database: s3cache.store.arrays.INLINE_LIMIT).
+FILE_SIDE = 320
+
 
 def object_gets(s3: LocalS3) -> list[str]:
     """Paths of the object GETs the server received (listings excluded)."""

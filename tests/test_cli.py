@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import listings, object_gets
+from helpers import FILE_SIDE, listings, object_gets
 
 from s3cache import ops
 from s3cache.cli import main
@@ -100,7 +100,7 @@ def test_ls_marks_cached_objects(s3: LocalS3, bucket: str, cache_dir: Path) -> N
 
 
 def test_verify_catches_a_damaged_file_and_fix_removes_it(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
-    warm(s3, cache_dir, size=128)  # 48 KB entries: stored as value files, not inside SQLite
+    warm(s3, cache_dir, size=FILE_SIDE)  # value files, not rows of the database
     files = sorted(cache_dir.glob("arrays/**/*.val"))
     assert len(files) == 24
     data = bytearray(files[0].read_bytes())
@@ -116,7 +116,7 @@ def test_verify_catches_a_damaged_file_and_fix_removes_it(s3: LocalS3, bucket: s
     assert "1 problem(s) found and fixed" in fixed.stdout
     assert not files[0].exists() and ops.cache_info(cache_dir)["entries"] == 23
     assert ops.verify_cache(cache_dir) == []
-    assert warm(s3, cache_dir, size=128).fetched == 1  # the damaged image is simply fetched again
+    assert warm(s3, cache_dir, size=FILE_SIDE).fetched == 1  # the damaged image is simply fetched again
 
 
 def test_clear_spec_leaves_other_specs_intact(s3: LocalS3, bucket: str, cache_dir: Path) -> None:

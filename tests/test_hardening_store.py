@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import all_batches, dataset_options, object_gets
+from helpers import FILE_SIDE, all_batches, dataset_options, object_gets
 
 import s3cache
 from s3cache import codec, ops
@@ -45,7 +45,7 @@ from s3cache.testing.locals3 import ACCESS_KEY, REGION, SECRET_KEY, LocalS3
 
 URL = "s3://photos/train/"
 SMALL = ImageSpec((32, 32))  # 3 KB entries: inline rows in SQLite
-BIG = ImageSpec((128, 128))  # 48 KB entries: value files
+BIG = ImageSpec((FILE_SIDE, FILE_SIDE))  # value files
 OTHER_UID = 4242
 
 
@@ -401,11 +401,11 @@ def test_codec_binds_entries_to_keys_in_one_swappable_checksum(monkeypatch: pyte
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MB tmpfs mounted for this test (skipped where mounting is not allowed); always unmounted."""
+    """A 16 MB tmpfs mounted for this test (skipped where mounting is not allowed); always unmounted."""
     mount = tmp_path / "tmpfs"
     mount.mkdir()
     try:
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mount)],
                                  capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         pytest.skip(f"cannot mount a tmpfs: {exc}")
@@ -448,7 +448,7 @@ def test_training_on_a_full_disk_goes_on_from_s3_with_one_warning(
     cache_dir = tmpfs / "cache"
     reference = decoded(photos, BIG)
     expected = [reference[url] for url in sorted(reference)]
-    filler = fill(tmpfs, leave=700_000)  # room for a few of the 24 value files of 48 KB, and the database
+    filler = fill(tmpfs, leave=1_500_000)  # room for a few of the 24 value files of 300 KB, and the database
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = s3cache.image_dataset_from_s3(URL, **dataset_options(

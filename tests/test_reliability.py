@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, ResponseStreamingError
-from helpers import all_batches, dataset_options, object_gets, run_together
+from helpers import FILE_SIDE, all_batches, dataset_options, object_gets, run_together
 
 import s3cache
 from s3cache.errors import (
@@ -44,7 +44,7 @@ from s3cache.testing.locals3 import ACCESS_KEY, REGION, SECRET_KEY, LocalS3
 
 URL = "s3://photos/train/"
 SMALL = ImageSpec((32, 32))
-BIG = ImageSpec((128, 128))  # 48 KiB arrays: diskcache keeps them in value files, not inline in SQLite
+BIG = ImageSpec((FILE_SIDE, FILE_SIDE))  # value files, not rows of the database
 NO_RETRIES = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 
 
@@ -246,7 +246,7 @@ def test_sigkill_mid_warm_leaves_a_consistent_cache(
     s3: LocalS3, bucket: str, photos: list[tuple[str, bytes]], cache_dir: Path
 ) -> None:
     reference = decoded(photos, BIG)
-    warm = s3cache_command("warm", URL, "--image-size", "128", "128", "--cache-dir", str(cache_dir),
+    warm = s3cache_command("warm", URL, "--image-size", str(FILE_SIDE), str(FILE_SIDE), "--cache-dir", str(cache_dir),
                            "--endpoint-url", s3.endpoint_url, "--concurrency", "2")
     s3.configure(latency_ms=40)  # a warm then takes long enough to be killed at chosen points
     for point, (gets, files, delay) in KILL_POINTS.items():
@@ -271,7 +271,7 @@ def test_sigkill_mid_warm_leaves_a_consistent_cache(
 
 
 def test_verify_fix_removes_what_a_killed_writer_left(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
-    all_batches(s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, image_size=(128, 128))))
+    all_batches(s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, image_size=(FILE_SIDE, FILE_SIDE))))
     # A writer killed after writing a value file but before its row: the file and its new directories stay.
     orphan = cache_dir / "arrays" / "zz" / "zz" / "0123456789abcdef0123456789ab.val"
     orphan.parent.mkdir(parents=True)
@@ -300,9 +300,9 @@ def test_concurrent_processes_share_one_cache(
              "verbose": False}
     s3.configure(latency_ms=10)
     results = run_together([
-        ["warm", "warm", URL, "--image-size", "128", "128", "--cache-dir", str(cache_dir), "--endpoint-url",
-         s3.endpoint_url, "--cache-size-limit", str(limit), "--concurrency", "4"],
-        ["train", json.dumps(train | {"image_size": [128, 128]})],
+        ["warm", "warm", URL, "--image-size", str(FILE_SIDE), str(FILE_SIDE), "--cache-dir", str(cache_dir),
+         "--endpoint-url", s3.endpoint_url, "--cache-size-limit", str(limit), "--concurrency", "4"],
+        ["train", json.dumps(train | {"image_size": [FILE_SIDE, FILE_SIDE]})],
         ["train", json.dumps(train | {"image_size": [32, 32], "color_mode": "grayscale"})],
     ], tmp_path, cli_env(), timeout=180)
     for result in results:
@@ -333,7 +333,8 @@ def test_concurrent_processes_share_one_cache(
 def test_damaged_value_files_are_detected_and_refetched_not_served(
     s3: LocalS3, bucket: str, photos: list[tuple[str, bytes]], cache_dir: Path
 ) -> None:
-    options = dataset_options(s3, cache_dir, image_size=(128, 128), labels=None, dtype="uint8", batch_size=24)
+    options = dataset_options(s3, cache_dir, image_size=(FILE_SIDE, FILE_SIDE), labels=None, dtype="uint8",
+                              batch_size=24)
     first = s3cache.image_dataset_from_s3(URL, **options)[0]
     files = value_files(cache_dir)
     flipped, truncated, deleted = sorted(files)[:3]

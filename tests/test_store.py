@@ -9,7 +9,7 @@ from pathlib import Path
 import diskcache
 import numpy as np
 import pytest
-from helpers import all_batches, dataset_options
+from helpers import FILE_SIDE, all_batches, dataset_options
 
 import s3cache
 from s3cache import codec
@@ -19,6 +19,7 @@ from s3cache.store.directory import CacheDirectory
 from s3cache.testing.locals3 import LocalS3
 
 ENTRY = np.arange(128 * 128 * 3, dtype=np.uint32).astype(np.uint8).reshape(128, 128, 3)
+FILE_ENTRY = np.zeros((FILE_SIDE, FILE_SIDE, 3), np.uint8)  # a value file
 ENTRY_BYTES = len(codec.encode_array(ENTRY))
 
 
@@ -50,7 +51,7 @@ def test_store_refuses_pickle_and_keeps_raw_bytes(tmp_path: Path, monkeypatch: p
     cache = CacheDirectory(tmp_path / "cache", parse_size("1GB"))
     store = cache.arrays
     store.put("small", codec.encode_array(ENTRY[:8, :8]), tag="t")
-    store.put("large", codec.encode_array(ENTRY), tag="t")
+    store.put("large", codec.encode_array(FILE_ENTRY), tag="t")
     with pytest.raises(TypeError):
         store.put("object", {"not": "bytes"}, tag="t")  # type: ignore[arg-type]
 
@@ -59,7 +60,7 @@ def test_store_refuses_pickle_and_keeps_raw_bytes(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(pickle, "loads", no_unpickling)
     monkeypatch.setattr(pickle, "load", no_unpickling)
-    np.testing.assert_array_equal(store.get("large"), ENTRY)
+    np.testing.assert_array_equal(store.get("large"), FILE_ENTRY)
     cache.close()
     with sqlite3.connect(tmp_path / "cache" / "arrays" / "cache.db") as con:
         modes = {mode for (mode,) in con.execute("SELECT mode FROM Cache")}

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import FILE_SIDE
 
 from s3cache import codec
 from s3cache.source.ledger import FetchLedger
 from s3cache.store import ArrayStore
 from s3cache.writer import BatchWriter
 
-ENTRY = np.arange(128 * 128 * 3, dtype=np.uint32).astype(np.uint8).reshape(128, 128, 3)  # in a value file
+ENTRY = np.arange(FILE_SIDE**2 * 3, dtype=np.uint32).astype(np.uint8).reshape(FILE_SIDE, FILE_SIDE, 3)  # value files
 
 
 def encoded(key: str) -> bytes:

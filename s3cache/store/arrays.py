@@ -52,6 +52,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIZE_LIMIT = 10 * 10**9
 
+INLINE_LIMIT = 256 * 2**10
+"""Entries smaller than this are stored inside the database, larger ones in value files.
+
+Measured on ext4 (``benchmarks/results/inline.md``): for entries up to about 250 KB, a row in the
+write-ahead log costs a fraction of a new file and its directories, and reading it through the
+readers' memory map is no slower than opening the file.
+"""
+
 
 class ArrayStore:
     """Encoded image arrays under a size limit.
@@ -66,6 +74,8 @@ class ArrayStore:
         policy: Chooses what an eviction removes and whether a full store admits a new entry
             (default: :class:`~s3cache.store.policy.KeepCurrentRun`).
         private: Create value files owner-only (off for a shared cache: the umask decides).
+        inline_limit: Entries smaller than this many bytes are stored inside the database, larger
+            ones in value files (see :data:`INLINE_LIMIT`).
 
     Raises:
         CacheError: The store cannot be created or opened.
@@ -78,9 +88,11 @@ class ArrayStore:
         policy: EvictionPolicy | None = None,
         *,
         private: bool = True,
+        inline_limit: int = INLINE_LIMIT,
     ) -> None:
         self.directory = Path(directory)
-        settings: dict[str, object] = {"eviction_policy": DISKCACHE_POLICY, "cull_limit": 0, "tag_index": True}
+        settings: dict[str, object] = {"eviction_policy": DISKCACHE_POLICY, "cull_limit": 0, "tag_index": True,
+                                       "disk_min_file_size": inline_limit}
         if size_limit is not None:
             settings["size_limit"] = size_limit
         elif not (self.directory / "cache.db").exists():

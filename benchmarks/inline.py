@@ -1,0 +1,117 @@
+"""Where the array store keeps an entry: inside the database (a row) or in a value file, by entry size.
+
+Run from the repository root, in the project's virtual environment (``pip install -e .[bench]``)::
+
+    python benchmarks/inline.py --out inline
+
+For each entry size (``--sides``: square RGB arrays, 128x128 is 48 KiB) and each way of storing
+(``row``: the value inside SQLite; ``file``: a value file, diskcache's layout), it fills a new store
+in the system's temporary directory with ``--entries`` encoded arrays (at most ``--megabytes``),
+written as s3cache's store writer writes them (``ArrayStore.put_many``, ``--batch`` entries per
+transaction, then ``cull``), and reads them back in shuffled batches of ``--batch``
+(``ArrayStore.get_many``: one query per batch, checksum checked). Each setting is measured
+``--rounds`` times, alternating, on a fresh store each time; the table gives the write CPU per
+entry (the process's CPU time, system time included: file creation is mostly kernel work) and the
+read wall time per entry (min/median/max).
+
+It prints a Markdown table and writes ``benchmarks/results/<out>.json`` and ``<out>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from harness import describe_machine, machine
+
+from s3cache import codec
+from s3cache.store import ArrayStore
+from s3cache.store.arrays import INLINE_LIMIT
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WAYS = {"row": 2**40, "file": 0}  # the store's inline limit for each way of storing
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sides", type=int, nargs="+", default=[64, 128, 224, 288, 448],
+                        help="entry sizes: side of a square RGB array")
+    parser.add_argument("--entries", type=int, default=1024, help="entries per store (at most --megabytes of them)")
+    parser.add_argument("--megabytes", type=int, default=128, help="most megabytes of entries per store")
+    parser.add_argument("--batch", type=int, default=32, help="entries per write transaction and per read")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per setting")
+    parser.add_argument("--out", default="inline", help="name of the result files in benchmarks/results/")
+    return parser.parse_args(argv)
+
+
+def measure(side: int, way: str, entries: int, batch: int) -> tuple[float, float]:
+    """Write CPU ms and read wall ms per entry, for one fresh store."""
+    array = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    keys = [f"entry-{i}" for i in range(entries)]
+    values = [codec.encode_array(array, key=key) for key in keys]
+    with (tempfile.TemporaryDirectory(prefix="s3cache-inline-") as tmp,
+          ArrayStore(Path(tmp) / "arrays", inline_limit=WAYS[way]) as store):
+        store.begin_run("inline-benchmark")
+        started = time.process_time()
+        for start in range(0, entries, batch):
+            store.put_many(list(zip(keys[start:start + batch], values[start:start + batch], strict=True)), "t")
+            store.cull()
+        write = (time.process_time() - started) / entries
+        order = np.random.default_rng(0).permutation(entries)
+        started = time.perf_counter()
+        for start in range(0, entries, batch):
+            found = store.get_many([keys[i] for i in order[start:start + batch]])
+            assert all(entry is not None for entry in found)
+        read = (time.perf_counter() - started) / entries
+    return write * 1e3, read * 1e3
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.3f} / {statistics.median(values):.3f} / {max(values):.3f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    info = machine()
+    rows: list[dict[str, Any]] = []
+    for side in args.sides:
+        found: dict[str, dict[str, list[float]]] = {way: {"write": [], "read": []} for way in WAYS}
+        for number in range(args.rounds):
+            for way in WAYS if number % 2 == 0 else list(WAYS)[::-1]:
+                entries = min(args.entries, args.megabytes * 10**6 // (side * side * 3))
+                write, read = measure(side, way, entries, args.batch)
+                found[way]["write"].append(write)
+                found[way]["read"].append(read)
+        kib = (side * side * 3 + codec.HEADER_SIZE) / 1024
+        rows += [{"side": side, "kib": kib, "way": way, **times} for way, times in found.items()]
+        print(f"{side}x{side}: " + ", ".join(f"{way} write {statistics.median(t['write']):.3f} ms, read "
+                                             f"{statistics.median(t['read']):.3f} ms" for way, t in found.items()),
+              flush=True)
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    lines = [f"## Array store: rows or value files ({now})",
+             "", f"{args.entries} entries per store, {args.batch} per transaction and per read, {args.rounds} rounds, "
+             f"in {tempfile.gettempdir()} (at most {args.megabytes} MB per store). {describe_machine(info)}", "",
+             "| entry | KiB | stored as | write CPU ms/entry (min/median/max) | read ms/entry (min/median/max) |",
+             "|---|--:|---|--:|--:|"]
+    lines += [f"| {row['side']}x{row['side']}x3 | {row['kib']:.0f} | {row['way']} | {spread(row['write'])} | "
+              f"{spread(row['read'])} |" for row in rows]
+    lines += ["", f"The store keeps entries under {INLINE_LIMIT // 1024} KiB as rows "
+              "(`s3cache.store.arrays.INLINE_LIMIT`)."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.md").write_text(text)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"settings": vars(args), "machine": info, "rows": rows},
+                                                         indent=1))
+
+
+if __name__ == "__main__":
+    main()
