@@ -30,10 +30,13 @@ def _fixed(value: float) -> int:
     return int(value * (1 << 16) + 0.5)
 
 
-# libjpeg's YCbCr -> RGB coefficients (jdcolor.c); each offset is rounded (+1/2) and floored (>> 16).
+# libjpeg's YCbCr -> RGB coefficients (jdcolor.c), each applied to a chroma value minus 128, rounded (+1/2)
+# and floored (>> 16). The biases fold the -128 and the +1/2 into one addition.
 _CR_TO_R, _CB_TO_B = _fixed(1.40200), _fixed(1.77200)
 _CB_TO_G, _CR_TO_G = -_fixed(0.34414), -_fixed(0.71414)
 _HALF = 1 << 15
+_R_BIAS, _B_BIAS = _HALF - 128 * _CR_TO_R, _HALF - 128 * _CB_TO_B
+_G_BIAS = _HALF - 128 * (_CB_TO_G + _CR_TO_G)
 # Pixels per block of JpegPixels.take: its int32 temporaries then fit in a core's cache.
 _CONVERT_BLOCK = 1 << 16
 
@@ -89,7 +92,8 @@ class JpegPixels:
             # Column sums: 3 x the nearer sample row + the farther one (the next for odd rows, else the previous).
             nearer = rows // 2
             farther = np.clip(nearer + np.where(rows % 2, 1, -1), 0, samples.shape[0] - 1)
-            sums = 3 * samples[nearer].astype(np.int16) + samples[farther]
+            sums = np.multiply(samples[nearer], 3, dtype=np.int16)
+            sums += samples[farther]
             wide = _widen(sums, (8, 7), 4)  # h2v2: in 16ths
         else:
             wide = _widen(samples[rows].astype(np.int16), (1, 2), 2)  # h2v1: in quarters
@@ -111,12 +115,17 @@ def _widen(sums: np.ndarray, biases: tuple[int, int], shift: int) -> np.ndarray:
 
 def _ycbcr_to_rgb(luma_plane: np.ndarray, cb: np.ndarray, cr: np.ndarray, out: np.ndarray) -> None:
     """Write libjpeg's RGB for ``uint8`` luma and int16 chroma planes into ``out[..., :3]``."""
-    cb, cr = cb.astype(np.int32) - 128, cr.astype(np.int32) - 128
-    for channel, offset in enumerate(
-        (_CR_TO_R * cr + _HALF, _CB_TO_G * cb + _CR_TO_G * cr + _HALF, _CB_TO_B * cb + _HALF)
-    ):
-        offset >>= 16
-        offset += luma_plane
-        np.maximum(offset, 0, out=offset)
-        np.minimum(offset, 255, out=offset)
-        out[..., channel] = offset
+    _add_luma(np.multiply(cr, _CR_TO_R, dtype=np.int32), _R_BIAS, luma_plane, out[..., 0])
+    green = np.multiply(cb, _CB_TO_G, dtype=np.int32)
+    green += np.multiply(cr, _CR_TO_G, dtype=np.int32)
+    _add_luma(green, _G_BIAS, luma_plane, out[..., 1])
+    _add_luma(np.multiply(cb, _CB_TO_B, dtype=np.int32), _B_BIAS, luma_plane, out[..., 2])
+
+
+def _add_luma(scaled: np.ndarray, bias: int, luma_plane: np.ndarray, out: np.ndarray) -> None:
+    """``out = clip(luma + (scaled + bias) >> 16)``, in place in ``scaled`` (int32)."""
+    scaled += bias
+    scaled >>= 16
+    scaled += luma_plane
+    np.clip(scaled, 0, 255, out=scaled)
+    out[...] = scaled
