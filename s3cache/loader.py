@@ -57,7 +57,8 @@ class Loader:
         store: The array store.
         source: Where misses are read from; ``None`` means offline.
         on_error: ``"raise"`` or ``"skip"`` for items that cannot be decoded or are refused for their size.
-        decode_workers: Threads decoding fetched images (default: CPU count, at most 8).
+        decode_workers: Threads decoding fetched images (default:
+            :func:`~s3cache.fetcher.default_decode_workers`).
         max_object_size: Objects listed larger than this many bytes are refused without a request
             (:class:`~s3cache.errors.ObjectTooLargeError`); ``None`` accepts any size. A cached entry
             is served whatever its object's size.

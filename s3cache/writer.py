@@ -1,11 +1,12 @@
 """Fetched entries written to the store in batches: one transaction per batch of arrivals.
 
-Decode threads hand their encoded entries to a :class:`BatchWriter`. Its thread writes whatever
-arrived while it wrote the previous batch in one store transaction (:meth:`ArrayStore.put_many
-<s3cache.store.ArrayStore.put_many>`), keeps the store within its size limit once per batch, then
-releases the batch's fetch claims in one ledger transaction, and only then completes each write's
-future: a caller that sees its write done finds the entry in the store, and so does a process
-that was waiting for the claim. A lone arrival is written at once, so batching adds no wait.
+Decode threads hand their encoded entries to a :class:`BatchWriter`. Its thread writes what
+arrived meanwhile in one store transaction (:meth:`ArrayStore.put_many
+<s3cache.store.ArrayStore.put_many>`, which keeps the store within its size limit), releases the
+batch's fetch claims in one ledger transaction, and only then completes each write's future: a
+caller that sees its write done finds the entry in the store, and so does a process that was
+waiting for the claim. A batch waits :data:`LINGER` seconds at most for arrivals after its first:
+far less than an S3 request, and enough to gather the decodes of a busy first epoch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +24,8 @@ from s3cache.store import ArrayStore
 
 MAX_BATCH = 64
 """Most entries written in one transaction."""
+LINGER = 0.01
+"""Seconds a batch waits for more arrivals after its first, unless it is full before."""
 
 
 @dataclass(frozen=True)
@@ -40,14 +44,16 @@ class BatchWriter:
         tag: The tag of every entry (the spec's fingerprint).
         ledger: Where the claims settled by the writes are released; ``None`` releases nothing.
         max_batch: Most entries per transaction.
+        linger: Seconds a batch waits for more arrivals after its first.
     """
 
     def __init__(self, store: ArrayStore, tag: str, ledger: FetchLedger | None = None,
-                 max_batch: int = MAX_BATCH) -> None:
+                 max_batch: int = MAX_BATCH, linger: float = LINGER) -> None:
         self.store = store
         self.tag = tag
         self.ledger = ledger
         self.max_batch = max_batch
+        self.linger = linger
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards starting and closing the thread
         self._thread: threading.Thread | None = None
@@ -87,9 +93,10 @@ class BatchWriter:
     def _run(self) -> None:
         while True:
             batch = [self._queue.get()]
+            deadline = time.monotonic() + self.linger
             while len(batch) < self.max_batch and batch[-1] is not None:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
             writes = [write for write in batch if write is not None]
@@ -101,7 +108,6 @@ class BatchWriter:
     def _write(self, writes: Sequence[_Write]) -> None:
         try:
             written = self.store.put_many([(write.key, write.entry) for write in writes], self.tag)
-            self.store.cull()
         except BaseException as exc:  # the store failed: every caller of the batch sees why
             for write in writes:
                 fail(write.done, exc)

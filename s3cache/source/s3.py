@@ -94,6 +94,7 @@ class S3Source:
         self._counters = SourceCounters()
         self._fs: Any = None
         self._fs_pid = -1
+        self._tuned_fs: Any = None  # the filesystem whose timestamp parsing is switched off
         self._semaphore: asyncio.Semaphore | None = None
         self._lock = threading.Lock()
 
@@ -156,6 +157,19 @@ class S3Source:
             future.cancel()  # Ctrl-C: stop the coroutine instead of leaving it to be garbage collected
             raise
 
+    async def _client_ready(self) -> None:
+        """Create the filesystem's client (once), and have its responses' timestamps left as text.
+
+        Nothing here reads a ``LastModified``, and botocore parses each one with dateutil, at about
+        0.1 ms of CPU: once per GET, and once per key listed. A session passed in ``storage_options``
+        is the caller's and is left as it is.
+        """
+        fs = self.fs
+        await fs.set_session()
+        if self._tuned_fs is not fs and "session" not in self.storage_options:
+            fs.session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+        self._tuned_fs = fs
+
     def close(self) -> None:
         """Forget the filesystem (its connections close with it)."""
         with self._lock:
@@ -180,7 +194,7 @@ class S3Source:
             try:
                 async with self._semaphore:
                     self._counters.add(requests=1)
-                    await self.fs.set_session()  # creating the client (once) is no part of a deadline
+                    await self._client_ready()  # creating the client (once) is no part of a deadline
                     return await _within(deadline, attempt())
             except Exception as raised:
                 exc = unwrap(raised)

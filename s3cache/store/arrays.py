@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIZE_LIMIT = 10 * 10**9
 
+# A batch is taken to need at most 1 + 1/_ROOM_SLACK times its bytes of room (pages, index, directories).
+_ROOM_SLACK = 4
+
 INLINE_LIMIT = 256 * 2**10
 """Entries smaller than this are stored inside the database, larger ones in value files.
 
@@ -228,7 +231,8 @@ class ArrayStore:
         Returns whether each was written: nothing is written for a key another writer stored first,
         nor for an entry that does not fit when the policy does not admit it (the caller still has
         the array it serves). Entries are bound to their keys (:func:`s3cache.codec.bind`) unless
-        they were encoded bound. On a full file system nothing is stored (no file is left behind)
+        they were encoded bound. A batch that may have taken the store past its size limit is
+        followed by an eviction (:meth:`cull`). On a full file system nothing is stored (no file is left behind)
         and writes pause, with one warning: later calls write nothing at once until the file system
         has room again (checked at most every :data:`~s3cache.store.writepause.SPACE_CHECK_SECONDS`)
         or :data:`~s3cache.store.writepause.WRITE_RETRY_SECONDS` have passed, when a write is tried again.
@@ -240,7 +244,7 @@ class ArrayStore:
         for _, entry in entries:
             if not isinstance(entry, bytes):
                 raise TypeError(f"cache values must be bytes, got {type(entry).__name__}")
-        admitted = self._limit.admitted([len(entry) for _, entry in entries])
+        admitted, room = self._limit.admitted([len(entry) for _, entry in entries])
         wanted = [i for i, (_, entry) in enumerate(entries)
                   if admitted[i] and self._write_pause.may_write(len(entry))]
         written = [False] * len(entries)
@@ -260,6 +264,9 @@ class ArrayStore:
         self._written_tags.note(tag)
         for i, wrote in zip(wanted, inserted, strict=True):
             written[i] = wrote
+        # Rows and value files take somewhat more room than their bytes: evict unless the batch surely fitted.
+        if room < sum(len(entries[i][1]) for i in wanted) // _ROOM_SLACK:
+            self.cull()
         return written
 
     def _writable(self) -> SafeCache:

@@ -48,10 +48,15 @@ class SizeLimit:
 
     def admits(self, size: int) -> bool:
         """Whether an entry of ``size`` bytes would be stored now: it fits, or the policy can make room."""
-        return self.admitted([size])[0]
+        return self.admitted([size])[0][0]
 
-    def admitted(self, sizes: Sequence[int]) -> list[bool]:
-        """Which entries of these sizes, stored in this order, would be stored now (see :meth:`admits`)."""
+    def admitted(self, sizes: Sequence[int]) -> tuple[list[bool], int]:
+        """Which entries of these sizes, stored in this order, would be stored now (see :meth:`admits`).
+
+        Returns:
+            The verdicts, and the bytes left under the limit once the admitted entries are stored
+            (negative when the policy must make room).
+        """
         volume, limit = self._measure()
         room, makes_room = limit - volume, None
         verdicts = []
@@ -63,7 +68,8 @@ class SizeLimit:
             if makes_room is None:
                 makes_room = self.policy.admits(self._connections.reader(), self.recency.current)
             verdicts.append(makes_room)
-        return verdicts
+            room -= size if makes_room else 0
+        return verdicts, room
 
     def cull(self, disk: SafeDisk) -> int:
         """Evict entries chosen by the policy until the store is within its size limit.
