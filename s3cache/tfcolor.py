@@ -69,7 +69,11 @@ class JpegPixels:
     def take(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """The ``uint8`` RGB(A) pixels at the crossings of ``rows`` and ``cols``."""
         luma_plane = take_pixels(self.ycbcr[..., 0], rows, cols)
-        cb, cr = (self._chroma(channel, rows, cols) for channel in (1, 2))
+        # Both chroma planes in one array where they are sampled alike (as good as always): half the steps.
+        if self.sampling[1] == self.sampling[2]:
+            cb, cr = self._chroma(slice(1, 3), rows, cols)
+        else:
+            (cb,), (cr,) = (self._chroma(slice(c, c + 1), rows, cols) for c in (1, 2))
         out = np.empty((len(rows), len(cols), self.shape[2]), np.uint8)
         if self.alpha:
             out[..., 3] = 255
@@ -80,36 +84,54 @@ class JpegPixels:
             _ycbcr_to_rgb(luma_plane[block], cb[block], cr[block], out[block])
         return out
 
-    def _chroma(self, channel: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """One chroma plane upsampled as libjpeg's fancy upsampling does, at ``rows`` x ``cols``, as int16."""
-        (max_h, max_v), (h, v) = self.sampling[0], self.sampling[channel]
+    def _chroma(self, channels: slice, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Chroma planes sampled alike, upsampled as libjpeg's fancy upsampling does, at ``rows`` x ``cols``.
+
+        Returns:
+            ``(planes, rows, cols)`` int16: planes first, so that every step runs along long rows.
+        """
+        (max_h, max_v), (h, v) = self.sampling[0], self.sampling[channels.start]
         across, down = max_h // h, max_v // v
-        samples = self.ycbcr[::down, ::across, channel]
+        planes = np.moveaxis(self.ycbcr[..., channels], 2, 0)
         # libjpeg interpolates doubled columns (and rows with them) only in planes over 2 samples wide.
-        if across != 2 or samples.shape[1] <= 2:
-            return take_pixels(self.ycbcr[..., channel], rows, cols).astype(np.int16)
+        if across != 2 or planes.shape[2] <= 2 * across:
+            return _take_columns(planes[:, rows], cols).astype(np.int16)
+        samples = np.ascontiguousarray(planes[:, ::down, ::across])
         if down == 2:
             # Column sums: 3 x the nearer sample row + the farther one (the next for odd rows, else the previous).
             nearer = rows // 2
-            farther = np.clip(nearer + np.where(rows % 2, 1, -1), 0, samples.shape[0] - 1)
-            sums = np.multiply(samples[nearer], 3, dtype=np.int16)
-            sums += samples[farther]
+            farther = np.clip(nearer + np.where(rows % 2, 1, -1), 0, samples.shape[1] - 1)
+            sums = np.multiply(samples[:, nearer], 3, dtype=np.int16)
+            sums += samples[:, farther]
             wide = _widen(sums, (8, 7), 4)  # h2v2: in 16ths
         else:
-            wide = _widen(samples[rows].astype(np.int16), (1, 2), 2)  # h2v1: in quarters
-        return take_pixels(wide, np.arange(len(rows)), cols)
+            wide = _widen(samples[:, rows].astype(np.int16), (1, 2), 2)  # h2v1: in quarters
+        return _take_columns(wide, cols)
+
+
+def _take_columns(planes: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The ascending columns ``cols`` (last axis) of ``planes``: a view where they are a run."""
+    first, last = int(cols[0]), int(cols[-1])
+    if last - first + 1 == len(cols):
+        return planes[..., first:last + 1]
+    return np.take(planes, cols, axis=-1)
 
 
 def _widen(sums: np.ndarray, biases: tuple[int, int], shift: int) -> np.ndarray:
-    """Double the columns: 3 x the nearer column + the farther one, plus libjpeg's biases, shifted down.
+    """Double the columns (last axis): 3 x the nearer column + the farther one, plus libjpeg's biases, shifted down.
 
     The farther column is the previous one for even outputs, the next for odd ones, repeated at the edges.
     """
-    left = np.concatenate([sums[:, :1], sums[:, :-1]], axis=1)
-    right = np.concatenate([sums[:, 1:], sums[:, -1:]], axis=1)
-    out = np.empty((sums.shape[0], 2 * sums.shape[1]), sums.dtype)
-    out[:, 0::2] = (3 * sums + left + biases[0]) >> shift
-    out[:, 1::2] = (3 * sums + right + biases[1]) >> shift
+    triple = 3 * sums
+    left = np.concatenate([sums[..., :1], sums[..., :-1]], axis=-1)
+    left += triple
+    left += biases[0]
+    right = np.concatenate([sums[..., 1:], sums[..., -1:]], axis=-1)
+    right += triple
+    right += biases[1]
+    out = np.empty((*sums.shape[:-1], 2 * sums.shape[-1]), sums.dtype)
+    np.right_shift(left, shift, out=out[..., 0::2])
+    np.right_shift(right, shift, out=out[..., 1::2])
     return out
 
 
