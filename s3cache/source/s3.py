@@ -124,10 +124,12 @@ class S3Source:
 
         options = dict(self.storage_options)
         # Checksums only where S3 requires them: validating every response's CRC costs client CPU per
-        # GET, and each entry carries its own checksum from the moment it is decoded.
+        # GET, and each entry carries its own checksum from the moment it is decoded. A fixed User-Agent:
+        # botocore otherwise assembles and sanitizes one twice per request (about 0.13 ms of CPU per GET).
         config = {"max_pool_connections": max(self.concurrency * 2, 10),
                   "retries": {"total_max_attempts": 1}, "connect_timeout": 10, "read_timeout": 60,
-                  "request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
+                  "request_checksum_calculation": "when_required", "response_checksum_validation": "when_required",
+                  "user_agent": _user_agent()}
         config.update(options.pop("config_kwargs", None) or {})
         fs = s3fs.S3FileSystem(**options, config_kwargs=config, skip_instance_cache=True,
                                use_listings_cache=False, max_concurrency=1)
@@ -329,6 +331,17 @@ class S3Source:
             return Payload(data, etag)
 
         return await self._with_retries(item.url, item.bucket, "GET", attempt, self.deadline(item))
+
+
+def _user_agent() -> str:
+    """The User-Agent of s3cache's requests: s3cache's version, botocore's and Python's."""
+    import platform
+
+    import botocore
+
+    from s3cache import __version__
+
+    return f"s3cache/{__version__} botocore/{botocore.__version__} lang/python#{platform.python_version()}"
 
 
 def body_limit(item: Item) -> int:
