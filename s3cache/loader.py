@@ -90,6 +90,7 @@ class Loader:
                                 max_bytes_in_flight=max_bytes_in_flight, ledger=ledger, claim_wait=claim_wait)
         self._pending: dict[str, _Reading] = {}
         self._unserved: set[str] = set()  # keys read ahead by this process and dropped before being served
+        self._serving: dict[str, int] = {}  # keys whose reads a load() waits for, and how many loads wait
         self._lock = threading.Lock()
         self._counts = {"hits": 0, "misses": 0, "shared": 0, "skipped": 0}
 
@@ -134,7 +135,36 @@ class Loader:
         """
         keys = [self._fetcher.lookup_key(item) for item in items]
         with self._lock:
-            waiting = {i: future for i, key in enumerate(keys) if (future := self._pending.pop(key, None))}
+            # Reads in flight stay pending while this batch waits for them, so that no other thread starts
+            # them again before their entries are stored.
+            waiting = {i: future for i, key in enumerate(keys) if (future := self._pending.get(key))}
+            marked = [keys[i] for i in waiting]  # keys whose reads this load waits for (see drop_prefetched)
+            self._mark_serving(marked)
+        try:
+            entries, fetch = self._lookup(items, keys, waiting)
+            if fetch:
+                if self.source is None:
+                    raise NotCachedError.for_objects([items[i].url for i in fetch])
+                started, filled = self._start_or_join({i: keys[i] for i in fetch}, items)
+                marked += [keys[i] for i in started]
+                waiting.update(started)
+                for index, entry in filled.items():
+                    entries[index] = entry
+            results = {index: future.result() for index, future in waiting.items()}
+        finally:  # served or failed: a later batch must start afresh, not join a failed read
+            with self._lock:
+                for index, future in waiting.items():
+                    if self._pending.get(keys[index]) is future:
+                        del self._pending[keys[index]]
+                self._unmark_serving(marked)
+        for index, result in results.items():
+            entries[index] = result.entry
+        self._count_served(results.values())
+        return [self._resolve(item, entry) for item, entry in zip(items, entries, strict=True)]
+
+    def _lookup(self, items: Sequence[Item], keys: Sequence[str],
+                waiting: dict[int, _Reading]) -> tuple[list[Entry | None], list[int]]:
+        """Entries of the items not waited for, from the store (hits counted), and the positions to fetch."""
         entries: list[Entry | None] = [None] * len(items)
         stored = [i for i in range(len(items)) if i not in waiting]
         for index, entry in zip(stored, self._fetcher.get_many([keys[i] for i in stored]), strict=True):
@@ -152,24 +182,7 @@ class Loader:
                 entries[i] = self._fetcher.refuse(items[i])
             else:
                 fetch.append(i)
-        if fetch:
-            if self.source is None:
-                raise NotCachedError.for_objects([items[i].url for i in fetch])
-            started, filled = self._start_or_join({i: keys[i] for i in fetch}, items)
-            waiting.update(started)
-            for index, entry in filled.items():
-                entries[index] = entry
-        try:
-            results = {index: future.result() for index, future in waiting.items()}
-        finally:  # served or failed: a later batch must start afresh, not join a failed read
-            with self._lock:
-                for index in fetch:
-                    if index in waiting and self._pending.get(keys[index]) is waiting[index]:
-                        del self._pending[keys[index]]
-        for index, result in results.items():
-            entries[index] = result.entry
-        self._count_served(results.values())
-        return [self._resolve(item, entry) for item, entry in zip(items, entries, strict=True)]
+        return entries, fetch
 
     def prefetch(self, items: Iterable[Item]) -> None:
         """Start reading the items that are neither cached nor already in flight (nor refused for size)."""
@@ -189,9 +202,10 @@ class Loader:
         """Forget finished read-ahead results nobody asked for (their arrays are in the store).
 
         Their keys are remembered, so that serving them later from the store counts as the miss it was.
+        A result a load is waiting for is that load's to count, not a dropped one.
         """
         with self._lock:
-            done = {key for key, f in self._pending.items() if f.done()}
+            done = {key for key, f in self._pending.items() if f.done() and key not in self._serving}
             self._unserved.update(key for key in done if _fetched_here(self._pending[key]))
             self._pending = {key: f for key, f in self._pending.items() if key not in done}
 
@@ -294,7 +308,21 @@ class Loader:
             fresh = [i for i in fresh if i not in filled]
             started = self._fetcher.start([items[i] for i in fresh], [keys[i] for i in fresh])
             self._pending.update((keys[i], future) for i, future in zip(fresh, started, strict=True))
+            self._mark_serving([keys[i] for i in joined] + [keys[i] for i in fresh])
         return joined | dict(zip(fresh, started, strict=True)), filled
+
+    def _mark_serving(self, keys: Iterable[str]) -> None:
+        """Note that a load waits for these keys' reads (call with the lock held)."""
+        for key in keys:
+            self._serving[key] = self._serving.get(key, 0) + 1
+
+    def _unmark_serving(self, keys: Iterable[str]) -> None:
+        """Note that a load no longer waits for these keys' reads (call with the lock held)."""
+        for key in keys:
+            if key in self._serving:
+                self._serving[key] -= 1
+                if not self._serving[key]:
+                    del self._serving[key]
 
     def _resolve(self, item: Item, entry: Entry | None) -> np.ndarray | None:
         if not isinstance(entry, codec.Failure):

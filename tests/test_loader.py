@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,6 +59,25 @@ def test_prefetched_items_are_not_read_again(store: ArrayStore) -> None:
     loader.load(wanted)
     loader.close()
     assert set(source.reads.values()) == {1} and len(source.reads) == 6
+
+
+def test_a_read_a_batch_waits_for_is_not_started_again_by_another_thread(store: ArrayStore) -> None:
+    gate = threading.Event()
+    source = MemorySource(OBJECTS, gate=gate)
+    loader = Loader(SPEC, store, source)
+    wanted = items(source)
+    loader.prefetch(wanted)  # in flight, held at the gate
+    loading = threading.Thread(target=loader.load, args=(wanted,))
+    loading.start()
+    deadline = time.monotonic() + 30
+    while not loader._serving and time.monotonic() < deadline:  # the batch now waits for the reads
+        time.sleep(0.001)
+    loader.prefetch(wanted)  # another thread's read-ahead: the reads are still pending, so none starts
+    gate.set()
+    loading.join(timeout=30)
+    loader.close()
+    assert set(source.reads.values()) == {1} and len(source.reads) == 6
+    assert loader.stats["misses"] == 6
 
 
 def test_offline_loader_names_what_is_missing(store: ArrayStore) -> None:
