@@ -8,6 +8,7 @@ algorithm lands in a fresh namespace instead of serving stale pixels.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -121,9 +122,9 @@ class ImageSpec:
         """Rebuild a spec from :meth:`to_dict` output."""
         return cls(**(data | {"image_size": tuple(data["image_size"])}))
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """A short stable hash naming this spec's cache namespace."""
+        """A short stable hash naming this spec's cache namespace (computed once: it is in every cache key)."""
         canonical = json.dumps(self.to_dict() | {"decoder": DECODER_VERSION}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
