@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from s3cache.tfimage import take_pixels
+from s3cache.tfimage import positions_span, take_pixels
 
 # libpng's rgb_to_gray weights for (0.299, 0.587), in 1/32768 and truncated, as TensorFlow's PNG decoder asks.
 _LUMA_WEIGHTS = (9797, 19234, 3737)
@@ -95,7 +95,7 @@ class JpegPixels:
         planes = np.moveaxis(self.ycbcr[..., channels], 2, 0)
         # libjpeg interpolates doubled columns (and rows with them) only in planes over 2 samples wide.
         if across != 2 or planes.shape[2] <= 2 * across:
-            return _take_columns(planes[:, rows], cols).astype(np.int16)
+            return _take_columns(planes[:, positions_span(rows)], cols).astype(np.int16)
         samples = np.ascontiguousarray(planes[:, ::down, ::across])
         if down == 2:
             # Column sums: 3 x the nearer sample row + the farther one (the next for odd rows, else the previous).
@@ -111,10 +111,8 @@ class JpegPixels:
 
 def _take_columns(planes: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """The ascending columns ``cols`` (last axis) of ``planes``: a view where they are a run."""
-    first, last = int(cols[0]), int(cols[-1])
-    if last - first + 1 == len(cols):
-        return planes[..., first:last + 1]
-    return np.take(planes, cols, axis=-1)
+    span = positions_span(cols)
+    return planes[..., span] if isinstance(span, slice) else np.take(planes, span, axis=-1)
 
 
 def _widen(sums: np.ndarray, biases: tuple[int, int], shift: int) -> np.ndarray:

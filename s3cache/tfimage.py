@@ -31,7 +31,7 @@ class PixelSource(Protocol):
         ...
 
 
-def _span(positions: np.ndarray) -> slice | np.ndarray:
+def positions_span(positions: np.ndarray) -> slice | np.ndarray:
     """A slice for a run of consecutive positions (a view, not a copy), else the positions."""
     first, last = int(positions[0]), int(positions[-1])
     return slice(first, last + 1) if last - first + 1 == len(positions) else positions
@@ -41,7 +41,7 @@ def take_pixels(source: np.ndarray | PixelSource, rows: np.ndarray, cols: np.nda
     """The pixels of a source at the crossings of ascending ``rows`` and ``cols`` (slicing runs of them)."""
     if not isinstance(source, np.ndarray):
         return source.take(rows, cols)
-    row_span, col_span = _span(rows), _span(cols)
+    row_span, col_span = positions_span(rows), positions_span(cols)
     picked = source[row_span] if isinstance(row_span, slice) else np.take(source, row_span, axis=0)
     return picked[:, col_span] if isinstance(col_span, slice) else np.take(picked, col_span, axis=1)
 

@@ -232,10 +232,11 @@ class ArrayStore:
         nor for an entry that does not fit when the policy does not admit it (the caller still has
         the array it serves). Entries are bound to their keys (:func:`s3cache.codec.bind`) unless
         they were encoded bound. A batch that may have taken the store past its size limit is
-        followed by an eviction (:meth:`cull`). On a full file system nothing is stored (no file is left behind)
-        and writes pause, with one warning: later calls write nothing at once until the file system
-        has room again (checked at most every :data:`~s3cache.store.writepause.SPACE_CHECK_SECONDS`)
-        or :data:`~s3cache.store.writepause.WRITE_RETRY_SECONDS` have passed, when a write is tried again.
+        followed by an eviction (:meth:`cull`). On a full file system nothing is stored (no file is
+        left behind) and writes pause, with one warning: later calls write nothing at once until the
+        file system has room again (checked at most every
+        :data:`~s3cache.store.writepause.SPACE_CHECK_SECONDS`) or
+        :data:`~s3cache.store.writepause.WRITE_RETRY_SECONDS` have passed, when a write is tried again.
 
         Raises:
             TypeError: An entry is not bytes.

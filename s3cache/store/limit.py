@@ -96,4 +96,3 @@ class SizeLimit:
                 if victim.filename:
                     disk.remove(victim.filename)
         return removed
-
