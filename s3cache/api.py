@@ -58,6 +58,7 @@ def image_dataset_from_s3(
     use_multiprocessing: bool = False,
     max_queue_size: int = 10,
     shard: tuple[int, int] | str | None = None,
+    decoder: str | None = None,
 ) -> Any:
     """A Keras dataset of the images under an S3 prefix, cached on local disk as resized arrays.
 
@@ -107,6 +108,10 @@ def image_dataset_from_s3(
         max_queue_size: ``keras.utils.PyDataset`` option.
         shard: ``(index, count)`` keeps every ``count``-th image starting at ``index`` (after the
             validation split), for multi-worker training; ``"auto"`` reads them from ``TF_CONFIG``.
+        decoder: How fetched images are decoded: ``"auto"`` (TensorFlow's ops, in batches, where the
+            process already imported TensorFlow; else NumPy), ``"numpy"`` or ``"tensorflow"``; default
+            ``$S3CACHE_DECODER``, else ``"auto"``. The arrays are the same either way (see
+            :mod:`s3cache.decoders`).
 
     Returns:
         An :class:`~s3cache.dataset.S3ImageDataset` (or a ``tf.data.Dataset`` for ``format="tf"``),
@@ -144,7 +149,7 @@ def image_dataset_from_s3(
     _check_positive("workers", workers)
     _check_positive("max_queue_size", max_queue_size)
     config = CacheConfig.create(cache_dir, cache_size_limit, storage_options, offline=offline, on_error=on_error,
-                                concurrency=concurrency)
+                                concurrency=concurrency, decoder=decoder)
     shard_index, shard_count = resolve_shard(shard)
     if seed is None:
         seed = int(np.random.randint(1e6))  # as Keras draws it (keras.utils.set_random_seed makes it repeatable)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from s3cache.decoders import DECODERS, decoder_from_env
 from s3cache.source.base import DEFAULT_BYTES_IN_FLIGHT, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_OBJECT_SIZE
 from s3cache.store.directory import CacheDirectory, trust_shared_from_env
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CONCURRENCY = 32
 ON_ERROR_CHOICES = ("raise", "skip")
+
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -80,6 +82,9 @@ class CacheConfig:
         max_bytes_in_flight: Most listed bytes of objects being fetched and decoded at once, per process.
         fetch_timeout: Seconds each attempt at an S3 request may take; an object's GET gets this plus
             one second per MiB of its size.
+        decoder: ``"auto"``, ``"numpy"`` or ``"tensorflow"``: how fetched images are decoded (see
+            :func:`s3cache.decoders.open_decoder`; the arrays are the same). Default: ``$S3CACHE_DECODER``,
+            else ``"auto"``.
         trust_shared_cache: Accept a cache directory that someone else owns or that group or
             others can write (a team cache); by default such a directory is refused, since it could
             hold planted entries. Default: ``$S3CACHE_TRUST_SHARED``.
@@ -95,6 +100,7 @@ class CacheConfig:
     max_bytes_in_flight: int = DEFAULT_BYTES_IN_FLIGHT
     fetch_timeout: float = DEFAULT_FETCH_TIMEOUT
     trust_shared_cache: bool = False
+    decoder: str = "auto"
 
     @classmethod
     def create(
@@ -110,6 +116,7 @@ class CacheConfig:
         max_bytes_in_flight: int | str = DEFAULT_BYTES_IN_FLIGHT,
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
         trust_shared_cache: bool | None = None,
+        decoder: str | None = None,
     ) -> CacheConfig:
         """Resolve defaults (``$S3CACHE_DIR``, else ``~/.cache/s3cache``) and check the values.
 
@@ -118,6 +125,9 @@ class CacheConfig:
         """
         if on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+        decoder = decoder_from_env() if decoder is None else decoder
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -130,7 +140,7 @@ class CacheConfig:
             raise ValueError(f"fetch_timeout must be positive, got {fetch_timeout}")
         trust = trust_shared_from_env() if trust_shared_cache is None else bool(trust_shared_cache)
         return cls(directory, limit, dict(storage_options or {}), offline, on_error, concurrency, largest, in_flight,
-                   float(fetch_timeout), trust)
+                   float(fetch_timeout), trust, decoder)
 
     def open_cache(self, *, must_exist: bool = False) -> CacheDirectory:
         """Open the cache directory's stores (creating them unless ``must_exist``).
@@ -171,5 +181,5 @@ class CacheConfig:
         cache = self.open_cache()
         # Recorded now, and again by the array store if `s3cache clear` removes the record meanwhile.
         cache.record_spec(spec.fingerprint, spec.to_dict())
-        return Loader(spec, cache.arrays, self.open_source(items), on_error=self.on_error,
+        return Loader(spec, cache.arrays, self.open_source(items), on_error=self.on_error, decoder=self.decoder,
                       max_object_size=self.max_object_size, max_bytes_in_flight=self.max_bytes_in_flight)

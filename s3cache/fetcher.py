@@ -1,8 +1,9 @@
 """Misses: read through the source, decoded, stored; shared between processes; bounded in memory.
 
 A :class:`Fetcher` does the work behind a cache miss of the :class:`~s3cache.loader.Loader`: it
-reads the item through a :class:`~s3cache.source.Source`, decodes it on a small thread pool and
-hands the entry to a :class:`~s3cache.writer.BatchWriter`, which stores arrivals in batches. What
+reads the item through a :class:`~s3cache.source.Source`, decodes what arrived meanwhile in one
+batch (:mod:`s3cache.decoders`; the members of a tar-shard chunk arrive together) and hands the
+entries to a :class:`~s3cache.writer.BatchWriter`, which stores arrivals in batches. What
 bucket content can do to memory is bounded here: an object listed larger than ``max_object_size`` is
 refused before any request, and the listed bytes of the objects being read and decoded at once never
 exceed ``max_bytes_in_flight`` (further reads wait their turn). Processes sharing a cache directory
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from s3cache import codec
+from s3cache.batching import Batcher
+from s3cache.decoders import Decoded, Decoder, open_decoder
 from s3cache.errors import DecodeError, ObjectTooLargeError
 from s3cache.futures import ByteBudget, done_future, fail, resolve
 from s3cache.items import Item
@@ -38,6 +41,8 @@ from s3cache.writer import BatchWriter
 
 Entry = np.ndarray | codec.Failure
 
+MAX_DECODE_BATCH = 64
+"""Most images decoded in one batch (what arrived since the last batch began)."""
 DEFAULT_CLAIM_WAIT = 120.0
 """Seconds to wait for an object another live process claimed before fetching it here."""
 _POLL_FIRST, _POLL_MAX = 0.01, 0.25
@@ -48,9 +53,9 @@ log = logging.getLogger(__name__)
 def default_decode_workers() -> int:
     """Decode threads by default: one per two CPUs, at most four.
 
-    Pillow's decode releases the GIL, but the Keras-equal colour and resize arithmetic is many short
-    NumPy steps that mostly hold it: measured on two cores, two decode threads passing the GIL back
-    and forth cost 30-40% more CPU per image than one, for no more images per second.
+    TensorFlow spreads each batch over every core by itself. NumPy's Keras-equal colour and resize
+    arithmetic is many short steps that mostly hold the GIL: measured on two cores, two decode threads
+    passing it back and forth cost 30-40% more CPU per image than one, for no more images per second.
     """
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
@@ -69,7 +74,14 @@ class FetchResult:
     stored_key: str | None = None
 
 
-_Reading = concurrent.futures.Future[FetchResult]
+@dataclass(frozen=True)
+class _Decode:
+    """A read item waiting for its batch to be decoded."""
+
+    item: Item
+    key: str  # the key the miss was claimed under (the listed version's)
+    payload: Payload
+    result: concurrent.futures.Future[FetchResult]
 
 
 @dataclass
@@ -82,6 +94,12 @@ class _Wait:
     give_up: float  # time.monotonic() past which this process fetches the item itself
 
 
+def _fail_decodes(batch: list[_Decode], error: BaseException) -> None:
+    """Decoding a batch failed outside any one image (the decoder itself broke): every caller hears why."""
+    for job in batch:
+        fail(job.result, error)
+
+
 class Fetcher:
     """Reads, decodes and stores the items that missed the cache.
 
@@ -90,6 +108,8 @@ class Fetcher:
         store: The array store entries are written to.
         source: Where items are read from; ``None`` means offline (nothing is fetched).
         decode_workers: Threads decoding fetched images (default: :func:`default_decode_workers`).
+        decoder: ``"auto"``, ``"numpy"``, ``"tensorflow"`` (default ``$S3CACHE_DECODER``, else ``"auto"``)
+            or a :class:`~s3cache.decoders.Decoder`: see :func:`s3cache.decoders.open_decoder`.
         max_object_size: Objects listed larger than this many bytes are refused without a request;
             ``None`` accepts any size.
         max_bytes_in_flight: Most listed bytes of objects being read or decoded at once; reads past
@@ -106,6 +126,7 @@ class Fetcher:
         source: Source | None,
         *,
         decode_workers: int | None = None,
+        decoder: str | Decoder | None = None,
         max_object_size: int | None = DEFAULT_MAX_OBJECT_SIZE,
         max_bytes_in_flight: int = DEFAULT_BYTES_IN_FLIGHT,
         ledger: FetchLedger | bool | None = True,
@@ -121,9 +142,10 @@ class Fetcher:
         self.max_object_size = max_object_size
         self.claim_wait = claim_wait
         self._fingerprint = spec.fingerprint
-        self._decode_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=decode_workers or default_decode_workers(), thread_name_prefix="s3cache-decode"
-        )
+        self._decoder = open_decoder(spec, decoder)
+        self._decoding: Batcher[_Decode] = Batcher(self._decode_batch, _fail_decodes, name="s3cache-decode",
+                                                   threads=decode_workers or default_decode_workers(),
+                                                   max_batch=MAX_DECODE_BATCH)
         self._budget = ByteBudget(max_bytes_in_flight)
         if ledger is True:
             ledger = FetchLedger.in_directory(store.directory.parent, read_only=source is None)
@@ -136,6 +158,11 @@ class Fetcher:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._lock = threading.Lock()
+
+    @property
+    def decoder(self) -> str:
+        """The decoder misses go through: ``"numpy"`` or ``"tensorflow"``."""
+        return self._decoder.name
 
     def key(self, item: Item, etag: str | None = None) -> str:
         """The store key of an item's array under this spec (and the given version)."""
@@ -236,46 +263,44 @@ class Fetcher:
                 fail(result, error)
             else:
                 try:
-                    decoding = self._decode_pool.submit(self._decode, item, key, read.result())
-                except RuntimeError as exc:  # the pool was shut down: the loader is closing
+                    self._decoding.submit(_Decode(item, key, read.result(), result))
+                except RuntimeError as exc:  # the decoders were closed: the loader is closing
                     fail(result, exc)
-                    return
-                decoding.add_done_callback(lambda done: self._store(done, key, result))
 
         reading.add_done_callback(on_read)
 
-    def _decode(self, item: Item, key: str, payload: Payload) -> tuple[FetchResult, bytes]:
-        """Decode an item's bytes: the result to serve and the encoded entry to store."""
+    def _decode_batch(self, batch: list[_Decode]) -> None:
+        """Decode the reads that arrived together, then hand their entries to the writer."""
+        batch = [job for job in batch if not job.result.cancelled()]  # a fill interrupted meanwhile
+        decoded = self._decoder.decode_many([job.payload.data for job in batch], [job.item.url for job in batch])
+        for job, outcome in zip(batch, decoded, strict=True):
+            self._store(job, *self._encode(job, outcome))
+
+    def _encode(self, job: _Decode, outcome: Decoded) -> tuple[FetchResult, bytes]:
+        """A decoded item: the result to serve and the encoded entry to store."""
+        item, payload = job.item, job.payload
         # Keyed by the ETag actually read: if the object changed since listing, this is its new version,
         # and this loader looks the listed item up there from now on.
         stored_key = self.key(item, payload.etag)
         entry: Entry
-        try:
-            entry = self.spec.decode(payload.data, item.url)
-            encoded = codec.encode_array(entry, key=stored_key)  # bound now: no second checksum pass
-        except DecodeError as exc:
-            entry = codec.Failure(str(exc))
+        if isinstance(outcome, DecodeError):
+            entry = codec.Failure(str(outcome))
             encoded = codec.encode_failure(entry.message, key=stored_key)
-            log.info("cannot decode %s: %s", item.url, exc)
-        if stored_key != key:
+            log.info("cannot decode %s: %s", item.url, outcome)
+        else:
+            entry, encoded = outcome, codec.encode_array(outcome, key=stored_key)  # bound now: one checksum pass
+        if stored_key != job.key:
             log.info("%s changed since it was listed (ETag %s listed, %s read): serving the version read",
                      item.url, item.etag, payload.etag)
             self._versions[self.key(item)] = stored_key
         return FetchResult(entry, fetched=True, stored_key=stored_key), encoded
 
-    def _store(self, decoding: concurrent.futures.Future[tuple[FetchResult, bytes]], key: str,
-               result: concurrent.futures.Future[FetchResult]) -> None:
-        """Hand a decoded entry to the store writer; ``result`` is resolved once the entry is stored."""
-        if decoding.cancelled():
-            result.cancel()
-            return
-        if (error := decoding.exception()) is not None:
-            fail(result, error)
-            return
-        fetched, encoded = decoding.result()
+    def _store(self, job: _Decode, fetched: FetchResult, encoded: bytes) -> None:
+        """Hand a decoded entry to the store writer; the job's result is resolved once the entry is stored."""
         assert fetched.stored_key is not None
+        result = job.result
         try:
-            writing = self._writer.submit(fetched.stored_key, encoded, claimed=key)
+            writing = self._writer.submit(fetched.stored_key, encoded, claimed=job.key)
         except RuntimeError as exc:  # the writer was closed: the loader is closing
             fail(result, exc)
             return
@@ -373,7 +398,7 @@ class Fetcher:
             waits, self._waits = self._waits, {}
         for wait in waits.values():
             wait.result.cancel()
-        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        self._decoding.close()
         self._writer.close()
         if self.ledger is not None:
             self.ledger.close()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from s3cache import codec
+from s3cache.decoders import Decoder
 from s3cache.errors import DecodeError, NotCachedError, ObjectTooLargeError
 from s3cache.fetcher import DEFAULT_CLAIM_WAIT, Entry, Fetcher, FetchResult, Refused
 from s3cache.items import Item
@@ -59,6 +60,8 @@ class Loader:
         on_error: ``"raise"`` or ``"skip"`` for items that cannot be decoded or are refused for their size.
         decode_workers: Threads decoding fetched images (default:
             :func:`~s3cache.fetcher.default_decode_workers`).
+        decoder: ``"auto"``, ``"numpy"``, ``"tensorflow"`` (default ``$S3CACHE_DECODER``, else ``"auto"``)
+            or a :class:`~s3cache.decoders.Decoder`: see :func:`s3cache.decoders.open_decoder`.
         max_object_size: Objects listed larger than this many bytes are refused without a request
             (:class:`~s3cache.errors.ObjectTooLargeError`); ``None`` accepts any size. A cached entry
             is served whatever its object's size.
@@ -77,6 +80,7 @@ class Loader:
         *,
         on_error: str = "raise",
         decode_workers: int | None = None,
+        decoder: str | Decoder | None = None,
         max_object_size: int | None = DEFAULT_MAX_OBJECT_SIZE,
         max_bytes_in_flight: int = DEFAULT_BYTES_IN_FLIGHT,
         ledger: FetchLedger | bool | None = True,
@@ -86,7 +90,8 @@ class Loader:
         self.store = store
         self.source = source
         self.on_error = on_error
-        self._fetcher = Fetcher(spec, store, source, decode_workers=decode_workers, max_object_size=max_object_size,
+        self._fetcher = Fetcher(spec, store, source, decode_workers=decode_workers, decoder=decoder,
+                                max_object_size=max_object_size,
                                 max_bytes_in_flight=max_bytes_in_flight, ledger=ledger, claim_wait=claim_wait)
         self._pending: dict[str, _Reading] = {}
         self._unserved: set[str] = set()  # keys read ahead by this process and dropped before being served
@@ -98,6 +103,11 @@ class Loader:
     def ledger(self) -> FetchLedger | None:
         """The cache directory's fetch ledger, through which processes sharing it fetch each item once."""
         return self._fetcher.ledger
+
+    @property
+    def decoder(self) -> str:
+        """The decoder this loader's misses go through: ``"numpy"`` or ``"tensorflow"``."""
+        return self._fetcher.decoder
 
     @property
     def offline(self) -> bool:

@@ -197,14 +197,11 @@ class ImageSpec:
             height, width = self.image_size
             image.draft("L" if self.color_mode == "grayscale" else None, (width, height))
             return None
-        if image.mode not in ("L", "RGB"):
-            return None  # CMYK: Pillow's own decode
-        sampling = [(int(layer[1]), int(layer[2])) for layer in image.layer]
-        grayscale, upsampled = self.color_mode == "grayscale", len(set(sampling)) > 1
-        # The fast mode below upsamples chroma differently: fine for YCbCr's luma plane alone, or where
-        # JpegPixels redoes the upsampling; else Pillow's own (accurate) decode.
-        if upsampled and not (_is_ycbcr(image) and (grayscale or _is_halved(sampling))):
-            return None
+        grayscale = self.color_mode == "grayscale"
+        if not decodes_as_tensorflow(image, grayscale):
+            return None  # Pillow's own (accurate) decode
+        sampling = jpeg_sampling(image)
+        upsampled = len(set(sampling)) > 1
         # A gray output is libjpeg's own (the luma plane, for YCbCr), as TensorFlow asks for it; JpegPixels
         # rebuilds RGB from the raw planes where chroma is upsampled.
         rebuild = upsampled and not grayscale
@@ -262,6 +259,24 @@ def _pillow_resize(pixels: np.ndarray, size: tuple[int, int], resample: Image.Re
     image = Image.frombuffer(mode, (width, height), np.ascontiguousarray(pixels), "raw", mode, 0, 1)
     resized = np.asarray(image.resize((size[1], size[0]), resample), dtype=np.uint8)
     return np.ascontiguousarray(resized.reshape(*size, channels))
+
+
+def jpeg_sampling(image: Image.Image) -> list[tuple[int, int]]:
+    """The ``(horizontal, vertical)`` sampling factors of an opened JPEG's components."""
+    return [(int(layer[1]), int(layer[2])) for layer in image.layer]
+
+
+def decodes_as_tensorflow(image: Image.Image, grayscale: bool) -> bool:
+    """Whether :meth:`ImageSpec.decode` gives TensorFlow's own pixels for an opened (not loaded) JPEG.
+
+    It does for gray and RGB JPEGs whose chroma is sampled 4:4:4, 4:2:2 or 4:2:0 (or not read, for a
+    gray output): Pillow's fast mode upsamples chroma differently, which :class:`JpegPixels` redoes in
+    those layouts only. Others (CMYK, rarer samplings) are Pillow's own accurate decode, about 1 level apart.
+    """
+    if image.mode not in ("L", "RGB"):
+        return False
+    sampling = jpeg_sampling(image)
+    return len(set(sampling)) == 1 or (_is_ycbcr(image) and (grayscale or _is_halved(sampling)))
 
 
 def _is_ycbcr(image: Image.Image) -> bool:

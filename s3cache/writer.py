@@ -12,12 +12,10 @@ far less than an S3 request, and enough to gather the decodes of a busy first ep
 from __future__ import annotations
 
 import concurrent.futures
-import queue
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from s3cache.batching import Batcher
 from s3cache.futures import fail, resolve
 from s3cache.source.ledger import FetchLedger
 from s3cache.store import ArrayStore
@@ -52,12 +50,8 @@ class BatchWriter:
         self.store = store
         self.tag = tag
         self.ledger = ledger
-        self.max_batch = max_batch
-        self.linger = linger
-        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # guards starting and closing the thread
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._batcher: Batcher[_Write] = Batcher(self._write, _fail_writes, name="s3cache-store-writer",
+                                                 max_batch=max_batch, linger=linger)
 
     def submit(self, key: str, entry: bytes, claimed: str | None = None) -> concurrent.futures.Future[bool]:
         """Queue an encoded entry; the future says whether it was written, once it is in the store.
@@ -71,48 +65,22 @@ class BatchWriter:
             RuntimeError: The writer is closed.
         """
         done: concurrent.futures.Future[bool] = concurrent.futures.Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the store writer is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="s3cache-store-writer", daemon=True)
-                self._thread.start()
-            self._queue.put(_Write(key, entry, claimed, done))
+        self._batcher.submit(_Write(key, entry, claimed, done))
         return done
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
-        with self._lock:
-            self._closed = True
-            thread = self._thread
-            if thread is not None:
-                self._queue.put(None)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            deadline = time.monotonic() + self.linger
-            while len(batch) < self.max_batch and batch[-1] is not None:
-                try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            writes = [write for write in batch if write is not None]
-            if writes:
-                self._write(writes)
-            if batch[-1] is None:
-                return
+        self._batcher.close()
 
     def _write(self, writes: Sequence[_Write]) -> None:
-        try:
-            written = self.store.put_many([(write.key, write.entry) for write in writes], self.tag)
-        except BaseException as exc:  # the store failed: every caller of the batch sees why
-            for write in writes:
-                fail(write.done, exc)
-            return
+        written = self.store.put_many([(write.key, write.entry) for write in writes], self.tag)
         if self.ledger is not None:
             self.ledger.release_many([(write.claimed, write.key) for write in writes if write.claimed is not None])
         for write, wrote in zip(writes, written, strict=True):
             resolve(write.done, wrote)
+
+
+def _fail_writes(writes: Sequence[_Write], error: BaseException) -> None:
+    """The store (or the ledger) failed: every caller of the batch sees why."""
+    for write in writes:
+        fail(write.done, error)

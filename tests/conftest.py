@@ -7,6 +7,9 @@ from pathlib import Path
 # Set before anything imports Keras or TensorFlow, which read them once at import time.
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests compare cached arrays with ImageSpec.decode bit for bit; "auto" would switch to TensorFlow's decoder
+# (equal to within rounding) once any test imported TensorFlow. tests/test_decoders.py covers that decoder.
+os.environ["S3CACHE_DECODER"] = "numpy"
 
 # Tests talk only to the local server: never pick up a developer's real AWS profile or credentials.
 for _name in [name for name in os.environ if name.startswith("AWS_")]:

@@ -38,13 +38,18 @@ def tiny_model(classes: int):  # keras is imported lazily, so no return annotati
     return model
 
 
-@pytest.mark.parametrize("use_multiprocessing", [False, True])
-def test_fit_with_keras_workers(s3: LocalS3, bucket: str, cache_dir: Path, use_multiprocessing: bool) -> None:
+# Worker threads decode with TensorFlow's batches (as "auto" does in a training process that imported it) while
+# the model trains; worker processes are forks, where "auto" falls back to NumPy.
+@pytest.mark.parametrize(("use_multiprocessing", "decoder"), [(False, "tensorflow"), (True, "auto")])
+def test_fit_with_keras_workers(s3: LocalS3, bucket: str, cache_dir: Path, use_multiprocessing: bool,
+                                decoder: str) -> None:
     ds = s3cache.image_dataset_from_s3(
         URL, **dataset_options(s3, cache_dir, batch_size=4, shuffle=True, seed=2, workers=2,
-                               use_multiprocessing=use_multiprocessing))
+                               use_multiprocessing=use_multiprocessing, decoder=decoder))
     history = tiny_model(len(ds.class_names)).fit(ds, epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2
+    if not use_multiprocessing:
+        assert ds.loader.decoder == "tensorflow"
     assert sorted(object_gets(s3)) == sorted(set(object_gets(s3)))  # no object fetched twice
     assert len(object_gets(s3)) == 24
     with ArrayStore(cache_dir / "arrays") as store:
