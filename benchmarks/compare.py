@@ -41,8 +41,8 @@ BUCKET = "bench-photos"
 PREFIX = "train/"
 # Limits first (nothing else runs beside them), then the baselines, then s3cache's three processes in
 # the order they need each other: the cold run fills the cache that the offline and LRU runs read.
-ORDER = ["capacity-boto3", "capacity-aio", "seed", "keras-local", "tfdata", "fsspec", "s3cache",
-         "s3cache-offline", "s3cache-lru", "s3cache-packed", "raw"]
+ORDER = ["capacity-boto3", "capacity-aio", "seed", "keras-local", "tfdata", "fsspec", "s3cache", "s3cache-numpy",
+         "s3cache-offline", "s3cache-lru", "s3cache-packed", "s3cache-packed-numpy", "raw"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -198,13 +198,19 @@ def fsspec_simplecache(workload: Workload) -> list[Run]:
 # -- 5. s3cache -----------------------------------------------------------------------------------------
 
 
-def _s3cache_dataset(workload: Workload, offline: bool) -> Any:
+# A Keras training script on the TensorFlow backend has imported TensorFlow, so decoder="auto" decodes with it
+# there; a process training with JAX or PyTorch (or a Keras worker process) decodes with NumPy. Both are timed.
+DECODER_LABELS = {"tensorflow": "TensorFlow decoder (auto in a TensorFlow process)",
+                  "numpy": "NumPy decoder (auto elsewhere)"}
+
+
+def _s3cache_dataset(workload: Workload, offline: bool, decoder: str = "tensorflow", cache: str = "") -> Any:
     from s3cache import image_dataset_from_s3
 
     return image_dataset_from_s3(
         workload.url, image_size=workload.image_size, batch_size=workload.batch_size, shuffle=True, seed=0,
-        cache_dir=workload.cache_dir, offline=offline,
-        storage_options=None if offline else workload.storage_options, verbose=False,
+        cache_dir=workload.scratch(cache) if cache else workload.cache_dir, offline=offline,
+        storage_options=None if offline else workload.storage_options, verbose=False, decoder=decoder,
     )
 
 
@@ -221,12 +227,22 @@ def _s3cache_epoch(dataset: Any) -> int:
 
 def s3cache_online(workload: Workload) -> list[Run]:
     """``image_dataset_from_s3`` on an empty cache: epoch 1 fills it (cold), epoch 2 reads it (warm)."""
-    dataset = _s3cache_dataset(workload, offline=False)
+    return _s3cache_online(workload, "s3cache", "tensorflow")
+
+
+def s3cache_online_numpy(workload: Workload) -> list[Run]:
+    """As :func:`s3cache_online`, decoding with NumPy, into a cache of its own."""
+    return _s3cache_online(workload, "s3cache-numpy", "numpy", cache="numpy-cache")
+
+
+def _s3cache_online(workload: Workload, name: str, decoder: str, cache: str = "") -> list[Run]:
+    dataset = _s3cache_dataset(workload, offline=False, decoder=decoder, cache=cache)
     try:
         epochs = timed_epochs(workload, lambda _: _s3cache_epoch(dataset), ["1 (cold)", "2 (warm)"])
     finally:
         dataset.close()
-    return [Run("s3cache", "s3cache image_dataset_from_s3", epochs, extra={"stats": dataset.stats})]
+    return [Run(name, f"s3cache image_dataset_from_s3, {DECODER_LABELS[decoder]}", epochs,
+                extra={"stats": dataset.stats, "decoder": decoder})]
 
 
 def s3cache_offline(workload: Workload) -> list[Run]:
@@ -262,29 +278,53 @@ PACKED_SHARD_SIZE = "16MB"
 
 def s3cache_packed(workload: Workload) -> list[Run]:
     """The photos packed into 16 MB tar shards (``s3cache.pack``, timed apart), then read cold and warm."""
+    packing = _pack(workload)
+    run = _s3cache_packed(workload, "s3cache-packed", "tensorflow")
+    run.extra["packing"] = packing
+    return [run]
+
+
+def s3cache_packed_numpy(workload: Workload) -> list[Run]:
+    """As :func:`s3cache_packed`, decoding with NumPy, into a cache of its own (the shards are packed already)."""
+    _pack(workload)
+    return [_s3cache_packed(workload, "s3cache-packed-numpy", "numpy")]
+
+
+def _packed_url(workload: Workload) -> str:
+    return f"{workload.url.rstrip('/')}-packed/"
+
+
+def _pack(workload: Workload) -> dict[str, Any]:
+    """Pack the photos (or find them packed), timed."""
     import resource
 
-    from s3cache import image_dataset_from_s3
     from s3cache.pack import pack
 
-    packed_url = f"{workload.url.rstrip('/')}-packed/"
     started, cpu = time.perf_counter(), time.process_time()
-    report = pack(workload.url, packed_url, shard_size=PACKED_SHARD_SIZE, storage_options=workload.storage_options)
+    report = pack(workload.url, _packed_url(workload), shard_size=PACKED_SHARD_SIZE,
+                  storage_options=workload.storage_options)
     pack_seconds, pack_cpu = time.perf_counter() - started, time.process_time() - cpu
     packing = {"images": report.members, "shards": report.shards, "seconds": pack_seconds,
                "images_per_s": report.members / pack_seconds,
                "cpu_ms_per_image": pack_cpu / report.members * 1e3,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return packing
+
+
+def _s3cache_packed(workload: Workload, name: str, decoder: str) -> Run:
+    from s3cache import image_dataset_from_s3
+
     dataset = image_dataset_from_s3(
-        packed_url, image_size=workload.image_size, batch_size=workload.batch_size, shuffle=True, seed=0,
-        cache_dir=workload.scratch("packed-cache"), storage_options=workload.storage_options, verbose=False,
+        _packed_url(workload), image_size=workload.image_size, batch_size=workload.batch_size, shuffle=True,
+        seed=0, cache_dir=workload.scratch(f"{name}-cache"), storage_options=workload.storage_options,
+        verbose=False, decoder=decoder,
     )
     try:
         epochs = timed_epochs(workload, lambda _: _s3cache_epoch(dataset), ["1 (cold)", "2 (warm)"])
     finally:
         dataset.close()
-    return [Run("s3cache-packed", "s3cache on tar shards (16 MB, packed by s3cache pack)", epochs,
-                extra={"stats": dataset.stats, "packing": packing})]
+    return Run(name, f"s3cache on tar shards (16 MB, packed by s3cache pack), {DECODER_LABELS[decoder]}", epochs,
+               extra={"stats": dataset.stats, "decoder": decoder})
 
 
 def _median_run(name: str, label: str, epochs: list[Epoch]) -> Run:
@@ -401,9 +441,11 @@ CONTENDERS: dict[str, Callable[[Workload], list[Run]]] = {
     "tfdata": tf_data,
     "fsspec": fsspec_simplecache,
     "s3cache": s3cache_online,
+    "s3cache-numpy": s3cache_online_numpy,
     "s3cache-offline": s3cache_offline,
     "s3cache-lru": s3cache_lru,
     "s3cache-packed": s3cache_packed,
+    "s3cache-packed-numpy": s3cache_packed_numpy,
     "raw": raw_limit,
 }
 

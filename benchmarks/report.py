@@ -71,6 +71,11 @@ def ratios(runs: dict[str, Run]) -> dict[str, float]:
         out["packed cold / per-object cold"] = _rate(packed, 0) / _rate(s3cache, 0)
     if packed and "keras-local" in runs:
         out["packed cold / keras local disk (epoch 1)"] = _rate(packed, 0) / _rate(runs["keras-local"], 0)
+    numpy, packed_numpy = runs.get("s3cache-numpy"), runs.get("s3cache-packed-numpy")
+    if numpy and "seed" in runs:
+        out["NumPy decoder: cold / seed recipe"] = _rate(numpy, 0) / _mean(runs["seed"])
+    if numpy and packed_numpy:
+        out["NumPy decoder: packed cold / per-object cold"] = _rate(packed_numpy, 0) / _rate(numpy, 0)
     if packed and capacity:
         out["packing / endpoint capacity"] = packed.extra["packing"]["images_per_s"] / max(capacity)
     if "s3cache-lru-off" in runs:

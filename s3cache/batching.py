@@ -77,17 +77,20 @@ class Batcher(Generic[_Job]):
                 thread.join()
 
     def _run(self) -> None:
-        while True:
-            batch = self._collect()
-            jobs = [job for job in batch if job is not None]
-            if jobs:
-                try:
-                    self._handle(jobs)
-                except BaseException as exc:  # every job of the batch hears why
-                    log.debug("%s: a batch of %d failed", self._name, len(jobs), exc_info=True)
-                    self._abandon(jobs, exc)
-            if batch[-1] is None:
-                return
+        # One batch per call of _do: its jobs are let go before the wait for the next (they may hold large buffers).
+        while self._do(self._collect()):
+            pass
+
+    def _do(self, batch: list[_Job | None]) -> bool:
+        """Hand a batch to ``handle``; whether to go on (no stop mark came with it)."""
+        jobs = [job for job in batch if job is not None]
+        if jobs:
+            try:
+                self._handle(jobs)
+            except BaseException as exc:  # every job of the batch hears why
+                log.debug("%s: a batch of %d failed", self._name, len(jobs), exc_info=True)
+                self._abandon(jobs, exc)
+        return batch[-1] is not None
 
     def _collect(self) -> list[_Job | None]:
         """The next batch: the first job waiting and those that follow within ``linger``, or a stop mark."""

@@ -23,6 +23,9 @@ from s3cache.spec import ImageSpec
 from s3cache.stats import StatsRecorder, new_stats_id, prune_stats, read_stats, stats_directory
 
 DTYPES = ("float32", "uint8")
+PACKED_READAHEAD_IMAGES = 256
+"""Tar-shard members read ahead by default: they arrive by the chunk, so reading ahead costs no request, and
+decode batches (up to 64) fill."""
 DATA_FORMATS = ("channels_last", "channels_first")
 
 
@@ -39,6 +42,18 @@ def data_format_of(data_format: str | None) -> str:
         raise ValueError("The `data_format` argument must be one of {'channels_first', 'channels_last'}. "
                          f"Received: data_format={data_format}")
     return value
+
+
+def default_readahead(items: Sequence[Item], batch_size: int, concurrency: int) -> int:
+    """Batches to read ahead: twice the S3 requests in flight for objects, 256 images for tar-shard members.
+
+    Each loose object is a request, so twice ``concurrency`` keeps the connections busy without
+    reading further than they can. Members arrive many to a chunk, so reading them ahead costs
+    nothing but memory, and keeps the decoder's batches full: measured on a packed cold epoch,
+    256 members ahead ran 15-25% faster than 64.
+    """
+    wanted = PACKED_READAHEAD_IMAGES if any(item.member is not None for item in items) else 2 * concurrency
+    return max(2, math.ceil(wanted / batch_size))
 
 
 class S3ImageDataset(keras.utils.PyDataset):
@@ -67,7 +82,8 @@ class S3ImageDataset(keras.utils.PyDataset):
         data_format: ``"channels_last"`` (``(height, width, channels)``) or ``"channels_first"``;
             ``None`` means ``keras.config.image_data_format()``.
         readahead: Batches whose misses are fetched ahead of the one being served; ``None``
-            picks enough to keep the S3 connections busy (none with ``use_multiprocessing``).
+            picks enough to keep the S3 connections and the decoder busy (none with
+            ``use_multiprocessing``): see :func:`default_readahead`.
         steps_per_epoch: Elements per epoch of :meth:`to_tf_dataset` (default ``len(self)``): the
             largest shard's count, so that every worker of a sharded run takes as many steps.
         cold_shards: Serve the first epoch shard window by shard window (see :mod:`s3cache.order`): for
@@ -116,7 +132,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         self.data_format = data_format_of(data_format)
         self._step = batch_size or 1  # images per index
         if readahead is None:
-            readahead = 0 if self.use_multiprocessing else max(2, math.ceil(2 * config.concurrency / self._step))
+            readahead = 0 if self.use_multiprocessing else default_readahead(self.items, self._step, config.concurrency)
         self.readahead = readahead
         self.steps_per_epoch = steps_per_epoch or len(self)
         self.cold_shards = cold_shards

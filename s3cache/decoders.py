@@ -18,6 +18,7 @@ JAX or PyTorch must not pay that for decoding.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import multiprocessing
@@ -84,7 +85,7 @@ class TensorFlowDecoder:
             raise ValueError(f"decoder='tensorflow' cannot decode {spec}: use decoder='numpy' or 'auto'")
         self.spec = spec
         self._numpy = NumpyDecoder(spec)
-        self._run_graph = _jpeg_graph(spec)
+        self._run_graph = _jpeg_graph(spec.image_size, spec.channels, spec.interpolation)
 
     def decode_many(self, blobs: Sequence[bytes], urls: Sequence[str]) -> list[Decoded]:
         """See :meth:`Decoder.decode_many`."""
@@ -162,14 +163,29 @@ def _decode_one(spec: ImageSpec, blob: bytes, url: str) -> Decoded:
     try:
         return spec.decode(blob, url)
     except DecodeError as exc:
-        return exc
+        return _detached(exc)
 
 
-def _jpeg_graph(spec: ImageSpec) -> Callable[[Sequence[bytes]], np.ndarray]:
-    """A function decoding a batch of JPEGs to one ``uint8`` array, as Keras's loader, in one TensorFlow graph."""
+def _detached(error: DecodeError) -> DecodeError:
+    """The error without tracebacks down its chain of causes.
+
+    A failure kept as a value must not keep the frames it was raised in, and with them the image's bytes,
+    alive: they would outlive the fetch's byte budget until the garbage collector ran.
+    """
+    link: BaseException | None = error
+    while link is not None:
+        link.__traceback__ = None
+        link = link.__cause__ or link.__context__
+    return error
+
+
+@functools.lru_cache(maxsize=16)
+def _jpeg_graph(size: tuple[int, int], channels: int, method: str) -> Callable[[Sequence[bytes]], np.ndarray]:
+    """A function decoding a batch of JPEGs to one ``uint8`` array, as Keras's loader, in one TensorFlow graph.
+
+    One per output shape and kernel in a process: tracing one costs about 0.1 s.
+    """
     import tensorflow as tf
-
-    size, channels, method = spec.image_size, spec.channels, spec.interpolation
 
     def one(blob: Any) -> Any:
         # Keras's load_image: decode_image, then resize; the cache keeps uint8, rounded half to even as np.rint.
@@ -178,7 +194,7 @@ def _jpeg_graph(spec: ImageSpec) -> Callable[[Sequence[bytes]], np.ndarray]:
         resized = tf.cast(tf.image.resize(image, size, method=method), tf.float32)
         return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
     def batch(blobs: Any) -> Any:
         with tf.device("/CPU:0"):  # a process training on a GPU keeps it for the model
             return tf.map_fn(one, blobs, fn_output_signature=tf.TensorSpec((*size, channels), tf.uint8),

@@ -42,7 +42,10 @@ from s3cache.writer import BatchWriter
 Entry = np.ndarray | codec.Failure
 
 MAX_DECODE_BATCH = 64
-"""Most images decoded in one batch (what arrived since the last batch began)."""
+"""Most images decoded in one batch."""
+DECODE_LINGER = 0.01
+"""Seconds a decode batch waits for more arrivals after its first: objects read one by one arrive a few ms
+apart, and TensorFlow's cost per call (about 1 ms) is then shared; tar-shard members arrive by the chunk."""
 DEFAULT_CLAIM_WAIT = 120.0
 """Seconds to wait for an object another live process claimed before fetching it here."""
 _POLL_FIRST, _POLL_MAX = 0.01, 0.25
@@ -142,10 +145,11 @@ class Fetcher:
         self.max_object_size = max_object_size
         self.claim_wait = claim_wait
         self._fingerprint = spec.fingerprint
-        self._decoder = open_decoder(spec, decoder)
+        # Offline, nothing is decoded: never import TensorFlow for it.
+        self._decoder = open_decoder(spec, decoder if source is not None else "numpy")
         self._decoding: Batcher[_Decode] = Batcher(self._decode_batch, _fail_decodes, name="s3cache-decode",
                                                    threads=decode_workers or default_decode_workers(),
-                                                   max_batch=MAX_DECODE_BATCH)
+                                                   max_batch=MAX_DECODE_BATCH, linger=DECODE_LINGER)
         self._budget = ByteBudget(max_bytes_in_flight)
         if ledger is True:
             ledger = FetchLedger.in_directory(store.directory.parent, read_only=source is None)
