@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("url", help="prefix URL, e.g. s3://bucket/train/")
     warm.add_argument("--cache-size-limit", help="set the cache's size limit, e.g. 10GB (default: keep the stored one)")
     warm.add_argument("--concurrency", type=int, default=32, help="most S3 requests in flight (default: 32)")
+    warm.add_argument("--decoder", choices=["auto", "numpy", "tensorflow"],
+                      help="decode with NumPy or in TensorFlow batches (imports TensorFlow: faster on many JPEGs, "
+                           "such as a packed prefix); the arrays are the same (default: $S3CACHE_DECODER, else auto, "
+                           "which is NumPy here)")
 
     info = _command(commands, "info", info_command, [cache], "show the cache's size, limit, specs and listings",
                     "s3cache info --json")

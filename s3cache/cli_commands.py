@@ -41,7 +41,8 @@ def warm_command(args: argparse.Namespace) -> int:
                 warnings.showwarning = _print_warning
                 report = warm(args.url, args.image_size, **_spec_kwargs(args), cache_dir=args.cache_dir,
                               cache_size_limit=args.cache_size_limit, storage_options=_storage_options(args),
-                              concurrency=args.concurrency, progress=progress, on_listed=progress.listed)
+                              concurrency=args.concurrency, decoder=args.decoder, progress=progress,
+                              on_listed=progress.listed)
         finally:
             progress.close()  # before any message, so it does not land on the bar's line
     except KeyboardInterrupt:

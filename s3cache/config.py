@@ -59,6 +59,15 @@ def size_text(count: float) -> str:
     return f"{count:.1f} TB"
 
 
+def reading_members_by_chunk(source: Source, items: Sequence[Item]) -> Source:
+    """``source``, reading the tar-shard members among ``items`` chunk by chunk (several MB per request)."""
+    if not any(item.member is not None for item in items):
+        return source
+    from s3cache.source.chunks import ChunkedSource, ChunkPlan
+
+    return ChunkedSource(source, ChunkPlan(items))
+
+
 def default_cache_dir() -> Path:
     """``$S3CACHE_DIR`` if set, else ``~/.cache/s3cache``."""
     return Path(os.environ.get("S3CACHE_DIR") or Path.home() / ".cache" / "s3cache").expanduser()
@@ -163,11 +172,7 @@ class CacheConfig:
         from s3cache.source.s3 import S3Source
 
         source = S3Source(self.storage_options, concurrency=self.concurrency, fetch_timeout=self.fetch_timeout)
-        if not any(item.member is not None for item in items):
-            return source
-        from s3cache.source.chunks import ChunkedSource, ChunkPlan
-
-        return ChunkedSource(source, ChunkPlan(items))
+        return reading_members_by_chunk(source, items)
 
     def open_loader(self, spec: ImageSpec, items: Sequence[Item] = ()) -> Loader:
         """Open the cache and the source, record the spec, and build a loader over them.

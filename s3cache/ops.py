@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig
+from s3cache.config import DEFAULT_CONCURRENCY, CacheConfig, reading_members_by_chunk
 from s3cache.errors import CacheError, NotCachedError, S3CacheError
 from s3cache.items import Item
 from s3cache.keys import cache_key
@@ -70,6 +70,7 @@ def warm(
     cache_size_limit: int | str | None = None,
     storage_options: dict[str, Any] | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
+    decoder: str | None = None,
     progress: Callable[[FillProgress], None] | None = None,
     on_listed: Callable[[int], None] | None = None,
 ) -> WarmReport:
@@ -91,6 +92,8 @@ def warm(
         cache_size_limit: New size limit (bytes or a string like ``"10GB"``); ``None`` keeps the stored one.
         storage_options: Options for ``s3fs.S3FileSystem``.
         concurrency: Most S3 requests in flight.
+        decoder: ``"auto"``, ``"numpy"`` or ``"tensorflow"`` (default ``$S3CACHE_DECODER``, else ``"auto"``,
+            which is NumPy unless this process imported TensorFlow): see :mod:`s3cache.decoders`.
         progress: Called once per object with a :class:`~s3cache.loader.FillProgress`.
         on_listed: Called with the number of image objects once the listing is known.
 
@@ -102,7 +105,7 @@ def warm(
         ValueError: Inconsistent arguments.
     """
     spec = ImageSpec(tuple(image_size), color_mode, interpolation, crop_to_aspect_ratio, pad_to_aspect_ratio)
-    config = CacheConfig.create(cache_dir, cache_size_limit, storage_options, concurrency=concurrency)
+    config = CacheConfig.create(cache_dir, cache_size_limit, storage_options, concurrency=concurrency, decoder=decoder)
     counts: Counter[str] = Counter()
 
     def count(event: FillProgress) -> None:
@@ -122,7 +125,7 @@ def warm(
         cache.arrays.begin_run(run_key(spec.fingerprint, url))  # the same run as training on this prefix
         kept = items if warn_if_larger_than_cache(items, spec, cache.arrays) >= 1 else \
             fitting_items(items, spec, cache.arrays)
-        loader = Loader(spec, cache.arrays, source)
+        loader = Loader(spec, cache.arrays, reading_members_by_chunk(source, kept), decoder=config.decoder)
         try:
             loader.fill(kept, count)
         finally:

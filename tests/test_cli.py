@@ -19,6 +19,7 @@ from helpers import FILE_SIDE, listings, object_gets
 
 from s3cache import ops
 from s3cache.cli import main
+from s3cache.pack import pack
 from s3cache.testing.locals3 import LocalS3
 from s3cache.testing.sampledata import make_photos, upload_photos
 
@@ -64,6 +65,24 @@ def test_warm_then_info_json_counts(s3: LocalS3, bucket: str, cache_dir: Path) -
     [(fingerprint, spec)] = info["specs"].items()
     assert spec["entries"] == 24 and spec["description"]["image_size"] == [32, 32]
     assert info["listings"] == [{"url": URL, "spec": fingerprint, "objects": 24, "cached": 24, "fraction": 1.0}]
+
+
+@pytest.mark.slow  # the command imports TensorFlow
+def test_warm_reads_a_packed_prefix_by_the_chunk_and_decodes_in_tensorflow_batches(
+    s3: LocalS3, bucket: str, cache_dir: Path
+) -> None:
+    s3.boto3_client().create_bucket(Bucket="shards")
+    report = pack(URL, "s3://shards/set/", shard_size=100_000, storage_options=s3.storage_options)
+    s3.reset_stats()
+    warmed = run_cli("warm", "s3://shards/set/", "--image-size", 32, 32, "--cache-dir", cache_dir,
+                     "--decoder", "tensorflow", env=aws_env(s3))
+    assert warmed.returncode == 0, warmed.stderr
+    assert "24 images, 0 already cached, 24 fetched" in warmed.stdout
+    # One ranged GET per shard (each is smaller than a chunk), where reading members alone would make 24.
+    assert len([path for path in object_gets(s3) if path.endswith(".tar")]) == report.shards
+    refused = run_cli("warm", URL, "--image-size", 32, 32, "--cache-dir", cache_dir, "--decoder", "fastest",
+                      env=aws_env(s3))
+    assert refused.returncode == 2 and "invalid choice: 'fastest'" in refused.stderr
 
 
 def test_info_text_names_specs_and_listings(
