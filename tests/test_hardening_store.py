@@ -480,6 +480,25 @@ def test_training_on_a_full_disk_goes_on_from_s3_with_one_warning(
                 and "s3cache" in str(w.message)]
 
 
+def test_a_batch_that_overflows_the_disk_stores_what_fits(tmpfs: Path) -> None:
+    entry = np.zeros((FILE_SIDE, FILE_SIDE, 3), np.uint8)  # 300 KB: a value file each
+    store = ArrayStore(tmpfs / "arrays")
+    try:
+        fill(tmpfs, leave=1_200_000)
+        keys = [f"spec/etag/bucket/{i}.jpg" for i in range(8)]  # 2.4 MB in one batch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            written = store.put_many([(key, codec.encode_array(entry, key=key)) for key in keys], tag="spec")
+        stored = sum(written)
+        assert 0 < stored < 8 and written == [True] * stored + [False] * (8 - stored)  # in order, up to the first
+        assert store.writes_paused and len(paused_warnings(caught)) == 1
+        assert sorted(store.keys()) == sorted(keys[:stored]) and store.verify() == []
+        for key in keys[:stored]:
+            np.testing.assert_array_equal(store.get(key), entry)
+    finally:
+        store.close()
+
+
 def test_a_failed_value_file_write_leaves_nothing_behind(tmpfs: Path) -> None:
     disk = SafeDisk(str(tmpfs / "store"))
     (tmpfs / "store").mkdir()

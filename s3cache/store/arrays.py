@@ -232,8 +232,9 @@ class ArrayStore:
         nor for an entry that does not fit when the policy does not admit it (the caller still has
         the array it serves). Entries are bound to their keys (:func:`s3cache.codec.bind`) unless
         they were encoded bound. A batch that may have taken the store past its size limit is
-        followed by an eviction (:meth:`cull`). On a full file system nothing is stored (no file is
-        left behind) and writes pause, with one warning: later calls write nothing at once until the
+        followed by an eviction (:meth:`cull`). On a full file system what fits is stored (one entry
+        at a time once the batch does not fit; no file of a failed write is left behind) and writes
+        pause, with one warning: later calls write nothing at once until the
         file system has room again (checked at most every
         :data:`~s3cache.store.writepause.SPACE_CHECK_SECONDS`) or
         :data:`~s3cache.store.writepause.WRITE_RETRY_SECONDS` have passed, when a write is tried again.
@@ -251,24 +252,58 @@ class ArrayStore:
         written = [False] * len(entries)
         if not wanted:
             return written
-        try:
-            inserted = insert_rows(self._connections, self._writable().disk, self.recency,
-                                   [(entries[i][0], codec.bind(entries[i][1], entries[i][0])) for i in wanted], tag)
-        except (OSError, sqlite3.Error) as exc:
-            if isinstance(exc, sqlite3.DatabaseError) and is_damaged(exc):
-                raise DamagedStoreError(self.directory, exc) from exc
-            if not (isinstance(exc, CacheFullError) or is_disk_full(exc, self.directory)):
-                raise
-            self._write_pause.pause(exc)
-            return written
-        self._write_pause.resume()
-        self._written_tags.note(tag)
+        inserted, full = self._insert_what_fits(
+            [(entries[i][0], codec.bind(entries[i][1], entries[i][0])) for i in wanted], tag)
+        if any(inserted):
+            self._written_tags.note(tag)
         for i, wrote in zip(wanted, inserted, strict=True):
             written[i] = wrote
+        if full:
+            return written  # an eviction would need room to write as well; the next write after the pause culls
+        self._write_pause.resume()
         # Rows and value files take somewhat more room than their bytes: evict unless the batch surely fitted.
         if room < sum(len(entries[i][1]) for i in wanted) // _ROOM_SLACK:
             self.cull()
         return written
+
+    def _insert_what_fits(self, entries: Sequence[tuple[str, bytes]], tag: str) -> tuple[list[bool], bool]:
+        """Insert bound entries in one transaction; on a full file system, as many as fit, then pause writes.
+
+        A batch can overflow a disk that still has room for some of its entries: those are then stored one
+        at a time, up to the first that does not fit.
+
+        Returns:
+            Whether each entry's row was inserted, and whether the file system turned out full.
+
+        Raises:
+            DamagedStoreError: The database is damaged.
+        """
+        try:
+            return self._insert(entries, tag), False
+        except (OSError, sqlite3.Error) as exc:
+            self._raise_unless_full(exc)
+            if len(entries) == 1:
+                self._write_pause.pause(exc)
+                return [False], True
+        inserted: list[bool] = []
+        for entry in entries:
+            try:
+                inserted += self._insert([entry], tag)
+            except (OSError, sqlite3.Error) as exc:
+                self._raise_unless_full(exc)
+                self._write_pause.pause(exc)
+                return inserted + [False] * (len(entries) - len(inserted)), True
+        return inserted, False
+
+    def _insert(self, entries: Sequence[tuple[str, bytes]], tag: str) -> list[bool]:
+        return insert_rows(self._connections, self._writable().disk, self.recency, entries, tag)
+
+    def _raise_unless_full(self, exc: OSError | sqlite3.Error) -> None:
+        """Re-raise a failed write's error unless it says the file system is full (a damaged database as such)."""
+        if isinstance(exc, sqlite3.DatabaseError) and is_damaged(exc):
+            raise DamagedStoreError(self.directory, exc) from exc
+        if not (isinstance(exc, CacheFullError) or is_disk_full(exc, self.directory)):
+            raise exc
 
     def _writable(self) -> SafeCache:
         """The store opened for writing; a store opened read-only (full disk) is reopened first.
