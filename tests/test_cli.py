@@ -6,6 +6,7 @@ which is much faster than a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -230,20 +231,41 @@ print(json.dumps({{"codes": codes, "loaded": [m for m in ("keras", "tensorflow")
     assert json.loads(result.stdout.splitlines()[-1]) == {"codes": [0, 0, 0, 0, 0], "loaded": []}
 
 
+# Runs the command as `python -m s3cache` does, with Ctrl-C as a terminal delivers it: a child inherits an ignored
+# or blocked SIGINT from the process that starts it, and one CI run saw both Ctrl-C tests' commands run to the
+# end with exit status 0 (never since, nor locally).
+INTERRUPTIBLE = ("import runpy, signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                 "signal.signal(signal.SIGINT, signal.default_int_handler); sys.argv[0] = 's3cache'; "
+                 "runpy.run_module('s3cache', run_name='__main__', alter_sys=True)")
+
+
+def start_interruptible(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def signal_state(pid: int) -> str:
+    """The signal lines of a process's status, for a failure message."""
+    with contextlib.suppress(OSError):
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return " ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+    return "(no status)"
+
+
 def test_ctrl_c_during_warm_keeps_what_was_stored(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
     s3.configure(latency_ms=300)  # with one request at a time, the warm takes several seconds
-    command = [sys.executable, "-m", "s3cache", "warm", URL, "--image-size", "32", "32", "--concurrency", "1",
-               "--cache-dir", str(cache_dir)]
-    proc = subprocess.Popen(command, env=aws_env(s3), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_interruptible("warm", URL, "--image-size", "32", "32", "--concurrency", "1", "--cache-dir",
+                               str(cache_dir), env=aws_env(s3))
     try:
         deadline = time.monotonic() + 30
         while len(object_gets(s3)) < 3 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.05)
+        state = signal_state(proc.pid)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, f"{state}\n{err}"
     stored = int(err.split("interrupted: ")[1].split()[0])
     s3.configure()
     entries = ops.cache_info(cache_dir)["entries"]
@@ -318,17 +340,17 @@ def test_a_reader_that_goes_away_ends_quietly(s3: LocalS3, bucket: str, cache_di
 def test_ctrl_c_while_listing_is_quiet(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
     s3.configure(latency_ms=3000)
     for command in ("ls", "warm"):
-        argv = [sys.executable, "-m", "s3cache", command, URL, "--image-size", "32", "32", "--cache-dir",
-                str(cache_dir)]
-        proc = subprocess.Popen(argv, env=aws_env(s3), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = start_interruptible(command, URL, "--image-size", "32", "32", "--cache-dir", str(cache_dir),
+                                   env=aws_env(s3))
         try:
             assert proc.stderr is not None
             assert proc.stderr.readline() == f"listing {URL} ...\n"
+            state = signal_state(proc.pid)
             proc.send_signal(signal.SIGINT)  # while S3 is being set up or the listing is under way
             _, err = proc.communicate(timeout=30)
         finally:
             proc.kill()
-        assert proc.returncode == 130, err
+        assert proc.returncode == 130, f"{state}\n{err}"
         assert err.startswith("s3cache: interrupted") and err.count("\n") == 1, err
 
 
