@@ -238,6 +238,7 @@ BAD_ARGUMENTS = {
     "crop-and-pad": {"crop_to_aspect_ratio": True, "pad_to_aspect_ratio": True},
     "batch-size": {"batch_size": 0},
     "dtype": {"dtype": "float16"},
+    "decoder": {"decoder": "fastest"},
     "data-format": {"data_format": "channels_middle"},
     "format": {"format": "grain"},
     "split": {"validation_split": 0.2, "subset": "training", "shuffle": True},
