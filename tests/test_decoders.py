@@ -174,3 +174,12 @@ def test_a_tensorflow_decoded_epoch_counts_its_requests(s3: LocalS3, bucket: str
     packed = dataset("s3://shards/set/", "packed", "tensorflow")
     np.testing.assert_array_equal(stack_images(all_batches(packed)), first)  # the same members, the same arrays
     assert 1 < len([path for path in object_gets(s3) if path.endswith(".tar")]) < 24  # per shard, not per image
+
+
+def test_a_tf_data_pipeline_decodes_through_tensorflow_without_waiting_on_itself(
+    s3: LocalS3, bucket: str, cache_dir: Path
+) -> None:
+    # tf.data calls the dataset from TensorFlow's own threads while the decoder runs TensorFlow graphs.
+    ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, format="tf", decoder="tensorflow"))
+    assert sum(int(images.shape[0]) for images, _ in ds) == 24
+    assert len(object_gets(s3)) == 24
