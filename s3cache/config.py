@@ -15,18 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from s3cache.decoders import DECODERS, decoder_from_env
+from s3cache.items import Item, any_members
 from s3cache.source.base import DEFAULT_BYTES_IN_FLIGHT, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_OBJECT_SIZE
 from s3cache.store.directory import CacheDirectory, trust_shared_from_env
 
 if TYPE_CHECKING:
-    from s3cache.items import Item
     from s3cache.loader import Loader
     from s3cache.source import Source
     from s3cache.spec import ImageSpec
 
 DEFAULT_CONCURRENCY = 32
 ON_ERROR_CHOICES = ("raise", "skip")
-
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -61,7 +60,7 @@ def size_text(count: float) -> str:
 
 def reading_members_by_chunk(source: Source, items: Sequence[Item]) -> Source:
     """``source``, reading the tar-shard members among ``items`` chunk by chunk (several MB per request)."""
-    if not any(item.member is not None for item in items):
+    if not any_members(items):
         return source
     from s3cache.source.chunks import ChunkedSource, ChunkPlan
 

@@ -8,7 +8,7 @@ and sources read them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,3 +70,8 @@ class Item:
         if len(row) == 4:
             return cls(bucket, key, etag, size)
         return cls(bucket, key, etag, size, str(row[4]), int(row[5]), int(row[6]) if len(row) == 7 else None)
+
+
+def any_members(items: Iterable[Item]) -> bool:
+    """Whether any of the items is a member of a tar shard (rather than a whole object)."""
+    return any(item.member is not None for item in items)

@@ -91,8 +91,8 @@ class Loader:
         self.source = source
         self.on_error = on_error
         self._fetcher = Fetcher(spec, store, source, decode_workers=decode_workers, decoder=decoder,
-                                max_object_size=max_object_size,
-                                max_bytes_in_flight=max_bytes_in_flight, ledger=ledger, claim_wait=claim_wait)
+                                max_object_size=max_object_size, max_bytes_in_flight=max_bytes_in_flight,
+                                ledger=ledger, claim_wait=claim_wait)
         self._pending: dict[str, _Reading] = {}
         self._unserved: set[str] = set()  # keys read ahead by this process and dropped before being served
         self._serving: dict[str, int] = {}  # keys whose reads a load() waits for, and how many loads wait
