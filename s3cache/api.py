@@ -155,7 +155,7 @@ def image_dataset_from_s3(
         seed = int(np.random.randint(1e6))  # as Keras draws it (keras.utils.set_random_seed makes it repeatable)
 
     # -- list (or read the stored listing), then order, label, shuffle and split as Keras does ----------
-    with config.open_cache() as cache:
+    with config.open_cache(spec=spec) as cache:
         listed = resolve_items(directory, cache.meta, config.open_source())
         if offline:
             require_cached(listed, spec.fingerprint, cache.arrays)

@@ -50,6 +50,12 @@ class Failure:
     message: str
 
 
+def entry_size(shape: tuple[int, int, int]) -> int:
+    """Bytes of the entry of an array of ``shape`` (header and pixels)."""
+    height, width, channels = shape
+    return HEADER_SIZE + height * width * channels
+
+
 def checksum(key: bytes, header: bytes | memoryview, payload: bytes | memoryview) -> int:
     """The one checksum of an entry: XXH3-64 over the key, the header up to its checksum field, and the payload.
 

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from s3cache.codec import entry_size
 from s3cache.decoders import DECODERS, decoder_from_env
 from s3cache.items import Item, any_members
 from s3cache.source.base import DEFAULT_BYTES_IN_FLIGHT, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_OBJECT_SIZE
 from s3cache.store.directory import CacheDirectory, trust_shared_from_env
+from s3cache.store.layout import page_size_for
 
 if TYPE_CHECKING:
     from s3cache.loader import Loader
@@ -150,15 +152,21 @@ class CacheConfig:
         return cls(directory, limit, dict(storage_options or {}), offline, on_error, concurrency, largest, in_flight,
                    float(fetch_timeout), trust, decoder)
 
-    def open_cache(self, *, must_exist: bool = False) -> CacheDirectory:
+    def open_cache(self, *, must_exist: bool = False, spec: ImageSpec | None = None) -> CacheDirectory:
         """Open the cache directory's stores (creating them unless ``must_exist``).
+
+        Args:
+            must_exist: Refuse a directory that holds no cache.
+            spec: The spec of the arrays to store, which picks a new array store's page size
+                (:func:`~s3cache.store.layout.page_size_for`).
 
         Raises:
             CacheError: No cache there (with ``must_exist``), a directory someone else owns or can
                 write (unless :attr:`trust_shared_cache`), or it cannot be opened.
         """
+        page_size = None if spec is None else page_size_for(entry_size(spec.shape))
         return CacheDirectory(self.cache_dir, self.size_limit, must_exist=must_exist,
-                              trust_shared=self.trust_shared_cache)
+                              trust_shared=self.trust_shared_cache, page_size=page_size)
 
     def open_source(self, items: Sequence[Item] = ()) -> Source | None:
         """The S3 source, or ``None`` offline.
@@ -182,7 +190,7 @@ class CacheConfig:
         """
         from s3cache.loader import Loader
 
-        cache = self.open_cache()
+        cache = self.open_cache(spec=spec)
         # Recorded now, and again by the array store if `s3cache clear` removes the record meanwhile.
         cache.record_spec(spec.fingerprint, spec.to_dict())
         return Loader(spec, cache.arrays, self.open_source(items), on_error=self.on_error, decoder=self.decoder,

@@ -117,7 +117,7 @@ def warm(
     started = time.perf_counter()
     source = config.open_source()
     assert source is not None  # the config is online
-    with config.open_cache() as cache:
+    with config.open_cache(spec=spec) as cache:
         items = resolve_items(url, cache.meta, source)
         if on_listed:
             on_listed(len(items))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import shutil
 import struct
@@ -31,7 +30,7 @@ from s3cache import codec
 from s3cache.config import size_text
 from s3cache.items import Item
 from s3cache.keys import cache_key
-from s3cache.store.policy import footprint
+from s3cache.store.layout import DEFAULT_PAGE_SIZE, empty_store_bytes, footprint
 
 if TYPE_CHECKING:
     from s3cache.dataset import S3ImageDataset
@@ -47,7 +46,6 @@ COUNTERS = ("hits", "misses", "skipped", "s3_requests", "s3_bytes", "retries", "
 _RECORD = struct.Struct("<8q")
 # Stats of datasets untouched for this long are removed when another dataset is built.
 KEEP_SECONDS = 7 * 24 * 3600
-_PAGE = 4096
 
 
 class CacheTooSmallWarning(UserWarning):
@@ -232,10 +230,16 @@ def _callback_class() -> type:
 # -- does the dataset fit? ------------------------------------------------------------------------------
 
 
-def cache_bytes_needed(items: Sequence[Item], spec: ImageSpec) -> int:
-    """About how many bytes of the cache the arrays of ``items`` take at ``spec`` (as the size limit counts them)."""
-    value = math.prod(spec.shape) + codec.HEADER_SIZE
-    return sum(footprint(value, len(cache_key(spec.fingerprint, item))) for item in items)
+def cache_bytes_needed(items: Sequence[Item], spec: ImageSpec, page_size: int = DEFAULT_PAGE_SIZE) -> int:
+    """About how many bytes of the cache the arrays of ``items`` take at ``spec`` (as the size limit counts them).
+
+    Args:
+        items: The images.
+        spec: Their arrays' spec.
+        page_size: The page size of the store's database.
+    """
+    value = codec.entry_size(spec.shape)
+    return sum(footprint(value, len(cache_key(spec.fingerprint, item)), page_size) for item in items)
 
 
 def fitting_items(items: Sequence[Item], spec: ImageSpec, arrays: ArrayStore) -> list[Item]:
@@ -244,11 +248,12 @@ def fitting_items(items: Sequence[Item], spec: ImageSpec, arrays: ArrayStore) ->
     A little conservative (:data:`WARM_MARGIN`): the estimate is close, and an array fetched but not
     kept is a wasted request, while training (the same run) fills what room is left.
     """
-    room = (arrays.size_limit - _empty_store_bytes()) * (1 - WARM_MARGIN)
-    value = math.prod(spec.shape) + codec.HEADER_SIZE
+    page_size = arrays.page_size
+    room = (arrays.size_limit - empty_store_bytes(page_size)) * (1 - WARM_MARGIN)
+    value = codec.entry_size(spec.shape)
     used = 0
     for count, item in enumerate(items):
-        used += footprint(value, len(cache_key(spec.fingerprint, item)))
+        used += footprint(value, len(cache_key(spec.fingerprint, item)), page_size)
         if used > room:
             return list(items[:count])
     return list(items)
@@ -262,9 +267,10 @@ def warn_if_larger_than_cache(items: Sequence[Item], spec: ImageSpec, arrays: Ar
         The fraction of the items the cache can hold (1.0 when they fit): the hit rate to expect
         per epoch once the cache is full.
     """
-    need = cache_bytes_needed(items, spec)
+    page_size = arrays.page_size
+    need = cache_bytes_needed(items, spec, page_size)
     limit = arrays.size_limit
-    room = max(limit - _empty_store_bytes(), 0)
+    room = max(limit - empty_store_bytes(page_size), 0)
     if need <= room:
         return 1.0
     fraction = room / need if need else 1.0
@@ -274,12 +280,8 @@ def warn_if_larger_than_cache(items: Sequence[Item], spec: ImageSpec, arrays: Ar
         f"{height}x{width}x{channels}, more than the cache's size limit of {size_text(limit)} "
         f"({arrays.directory.parent}). Expect about {fraction:.0%} cache hits per epoch once the cache is full: "
         "it keeps the images it holds and reads the others from S3 every epoch. To cache them all, set "
-        f"cache_size_limit to at least {size_text(need + _empty_store_bytes())} "
+        f"cache_size_limit to at least {size_text(need + empty_store_bytes(page_size))} "
         "(or `s3cache warm --cache-size-limit`).",
         CacheTooSmallWarning, stacklevel=stacklevel)
     return fraction
 
-
-def _empty_store_bytes() -> int:
-    """Bytes an empty array store counts toward its limit (its database's own pages)."""
-    return 12 * _PAGE

@@ -15,7 +15,7 @@ from PIL import Image
 from s3cache.testing.locals3 import LocalS3
 
 # Images resized to FILE_SIDE x FILE_SIDE make entries of 300 KB, stored as value files (smaller ones
-# are rows of the database: s3cache.store.arrays.INLINE_LIMIT).
+# are rows of the database: s3cache.store.layout.INLINE_LIMIT).
 FILE_SIDE = 320
 
 

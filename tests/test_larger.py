@@ -31,6 +31,7 @@ from s3cache.source import SourceCounters
 from s3cache.spec import ImageSpec
 from s3cache.stats import CacheStatsCallback, CacheTooSmallWarning, cache_bytes_needed
 from s3cache.store import ArrayStore
+from s3cache.store import layout
 from s3cache.testing.locals3 import LocalS3
 from s3cache.testing.sampledata import upload_photos
 
@@ -318,14 +319,14 @@ def test_sparse_url_lists_fall_back_to_a_head_per_url() -> None:
 # -- 6. telling the user ------------------------------------------------------------------------------------
 
 
-def test_need_estimate_matches_the_store(s3: LocalS3, bucket: str, cache_dir: Path, tmp_path: Path) -> None:
-    for size in ((32, 32), (64, 64)):
-        directory = cache_dir / f"{size[0]}"
-        ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, directory, image_size=size))
-        all_batches(ds)
-        with ArrayStore(directory / "arrays") as store:
-            used = store.volume() - empty_store_bytes(tmp_path)
-        assert cache_bytes_needed(ds.items, ImageSpec(size)) == pytest.approx(used, rel=0.15)
+@pytest.mark.parametrize(("side", "page_size"), [(32, 4096), (64, 4096), (96, 8192), (128, 16384)])
+def test_need_estimate_matches_the_store(s3: LocalS3, bucket: str, cache_dir: Path, side: int, page_size: int) -> None:
+    ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, image_size=(side, side)))
+    all_batches(ds)
+    with ArrayStore(cache_dir / "arrays") as store:
+        assert store.page_size == page_size  # picked for the first dataset's entries
+        used = store.volume() - layout.empty_store_bytes(page_size)
+    assert cache_bytes_needed(ds.items, ImageSpec((side, side)), page_size) == pytest.approx(used, rel=0.15)
 
 
 def test_no_warning_when_the_dataset_fits(s3: LocalS3, bucket: str, cache_dir: Path) -> None:

@@ -14,7 +14,7 @@ from helpers import FILE_SIDE, all_batches, dataset_options
 import s3cache
 from s3cache import codec
 from s3cache.config import parse_size
-from s3cache.store import ArrayStore
+from s3cache.store import ArrayStore, layout
 from s3cache.store.directory import CacheDirectory
 from s3cache.testing.locals3 import LocalS3
 
@@ -86,11 +86,13 @@ def test_reads_refresh_recency_in_batches_and_lru_evicts_least_recently_used(tmp
     assert store.volume() <= store.size_limit
 
 
-def test_cache_stays_within_one_batch_of_its_limit(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
-    shape_bytes = 64 * 64 * 3 + codec.HEADER_SIZE
-    limit = 12 * shape_bytes + 64 * 1024  # room for about a dozen entries besides the database
+@pytest.mark.parametrize("side", [64, 128])  # database pages of 4 and 16 KiB
+def test_cache_stays_within_one_batch_of_its_limit(s3: LocalS3, bucket: str, cache_dir: Path, side: int) -> None:
+    shape_bytes = codec.entry_size((side, side, 3))
+    database = layout.empty_store_bytes(layout.page_size_for(shape_bytes)) + 16 * 1024
+    limit = 12 * shape_bytes + database  # room for about a dozen entries besides the database
     ds = s3cache.image_dataset_from_s3(
-        "s3://photos/train/", **dataset_options(s3, cache_dir, image_size=(64, 64), batch_size=6,
+        "s3://photos/train/", **dataset_options(s3, cache_dir, image_size=(side, side), batch_size=6,
                                                 cache_size_limit=limit, concurrency=4))
     store = ds.loader.store
     for _ in range(2):
@@ -125,3 +127,22 @@ def test_recency_is_written_once_per_run_and_not_at_all_by_the_run_that_stored(t
     store.get("k")
     store.recency.flush()
     assert access_times(tmp_path)["k"] == refreshed  # once per run, however often it is read
+
+
+def test_page_size_is_picked_for_the_entries_and_kept_by_the_store(tmp_path: Path) -> None:
+    sizes = {side: layout.page_size_for(codec.entry_size((side, side, 3))) for side in (32, 64, 96, 128, 224, 320)}
+    # Larger pages only where rows span overflow pages without wasting room (a 12 KB row would fill a 16 KiB page).
+    assert sizes == {32: 4096, 64: 4096, 96: 8192, 128: 16384, 224: 16384, 320: 4096}
+    array = np.zeros((128, 128, 3), np.uint8)
+    store = ArrayStore(tmp_path / "arrays", parse_size("1GB"), page_size=16384)
+    empty = store.volume()
+    store.put_many([(f"k{i}", codec.encode_array(array, key=f"k{i}")) for i in range(8)], tag="t")
+    full = store.volume()
+    assert store.page_size == 16384 and full - empty == pytest.approx(8 * layout.footprint(len(
+        codec.encode_array(array, key="k0")), 2, 16384), rel=0.1)
+    for i in range(8):
+        store.delete(f"k{i}")
+    assert store.volume() < empty + (full - empty) / 4  # deleted rows' pages are given back (auto-vacuum)
+    store.close()
+    with ArrayStore(tmp_path / "arrays", page_size=4096) as reopened:
+        assert reopened.page_size == 16384

@@ -10,6 +10,7 @@ Modules: :mod:`~s3cache.store.disk` (diskcache storage that never pickles),
 :mod:`~s3cache.store.faults` (full disks and damaged databases), :mod:`~s3cache.store.repair`
 (database checks, rebuilds, writes on a full disk), :mod:`~s3cache.store.connection` (s3cache's own
 connections), :mod:`~s3cache.store.arrays` (the array store), :mod:`~s3cache.store.rows` (its rows),
+:mod:`~s3cache.store.layout` (rows or value files, page sizes, what an entry takes on disk),
 :mod:`~s3cache.store.limit` (its size limit), :mod:`~s3cache.store.writepause` (writes paused by a
 full disk), :mod:`~s3cache.store.spectags` (specs recorded again), :mod:`~s3cache.store.verify`
 (checking and fixing it), :mod:`~s3cache.store.meta` (listings and specs),

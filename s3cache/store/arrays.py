@@ -29,6 +29,7 @@ from s3cache.errors import CacheError
 from s3cache.store.connection import Connections
 from s3cache.store.disk import SAFE_ROW, UnsafeEntryError
 from s3cache.store.faults import CacheFullError, DamagedStoreError, free_bytes, is_damaged, is_disk_full
+from s3cache.store.layout import INLINE_LIMIT
 from s3cache.store.limit import SizeLimit
 from s3cache.store.policy import DISKCACHE_POLICY, EvictionPolicy, KeepCurrentRun
 from s3cache.store.recency import Generation, RecencyLog
@@ -55,15 +56,6 @@ DEFAULT_SIZE_LIMIT = 10 * 10**9
 # A batch is taken to need at most 1 + 1/_ROOM_SLACK times its bytes of room (pages, index, directories).
 _ROOM_SLACK = 4
 
-INLINE_LIMIT = 256 * 2**10
-"""Entries smaller than this are stored inside the database, larger ones in value files.
-
-Measured on ext4 (``benchmarks/results/inline.md``): for entries up to about 250 KB, a row in the
-write-ahead log costs a fraction of a new file and its directories, and reading it through the
-readers' memory map is no slower than opening the file.
-"""
-
-
 class ArrayStore:
     """Encoded image arrays under a size limit.
 
@@ -78,7 +70,9 @@ class ArrayStore:
             (default: :class:`~s3cache.store.policy.KeepCurrentRun`).
         private: Create value files owner-only (off for a shared cache: the umask decides).
         inline_limit: Entries smaller than this many bytes are stored inside the database, larger
-            ones in value files (see :data:`INLINE_LIMIT`).
+            ones in value files (see :data:`~s3cache.store.layout.INLINE_LIMIT`).
+        page_size: The page size of a new store's database (SQLite's default if ``None``; see
+            :func:`~s3cache.store.layout.page_size_for`). An existing store keeps its own.
 
     Raises:
         CacheError: The store cannot be created or opened.
@@ -92,6 +86,7 @@ class ArrayStore:
         *,
         private: bool = True,
         inline_limit: int = INLINE_LIMIT,
+        page_size: int | None = None,
     ) -> None:
         self.directory = Path(directory)
         settings: dict[str, object] = {"eviction_policy": DISKCACHE_POLICY, "cull_limit": 0, "tag_index": True,
@@ -103,7 +98,7 @@ class ArrayStore:
         self._settings = settings
         self._private = private
         # On a full file system this is a read-only store until a write finds space again.
-        self._cache: SafeCache = open_diskcache(self.directory, private=private, **settings)
+        self._cache: SafeCache = open_diskcache(self.directory, private=private, page_size=page_size, **settings)
         self._connections = Connections(self.directory / "cache.db")
         self.recency = RecencyLog(self._connections)
         self._limit = SizeLimit(self._connections, self.recency, policy or KeepCurrentRun())
@@ -218,6 +213,15 @@ class ArrayStore:
     def volume(self) -> int:
         """Bytes used on disk (database plus value files)."""
         return int(self._cache.volume())
+
+    @property
+    def page_size(self) -> int:
+        """The page size of the store's database."""
+        try:
+            ((size,),) = self._connections.reader().execute("PRAGMA page_size").fetchall()
+        except sqlite3.Error as exc:
+            raise self._read_error(exc) from exc
+        return int(size)
 
     # -- writing ------------------------------------------------------------------------------------
 

@@ -123,6 +123,7 @@ class CacheDirectory:
         size_limit: Size limit of the arrays in bytes; ``None`` keeps the stored one.
         must_exist: Refuse a directory that holds no cache instead of creating one.
         trust_shared: Accept a directory that someone else owns or can write (see the module).
+        page_size: The page size of a new array store's database (see :class:`ArrayStore`).
 
     Raises:
         CacheError: The directory holds no cache (with ``must_exist``), is not trusted, or cannot
@@ -130,11 +131,11 @@ class CacheDirectory:
     """
 
     def __init__(self, path: str | os.PathLike[str], size_limit: int | None = None, *,
-                 must_exist: bool = False, trust_shared: bool = False) -> None:
+                 must_exist: bool = False, trust_shared: bool = False, page_size: int | None = None) -> None:
         self.path = Path(path)
         self.trust_shared = trust_shared
         prepare(self.path, must_exist=must_exist, trust_shared=trust_shared)
-        self.arrays = ArrayStore(self.path / "arrays", size_limit, private=not trust_shared)
+        self.arrays = ArrayStore(self.path / "arrays", size_limit, private=not trust_shared, page_size=page_size)
         try:
             self.meta = MetaStore(self.path / "meta")
         except BaseException:

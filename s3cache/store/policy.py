@@ -19,13 +19,13 @@ run holds:
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Protocol
 
 import diskcache
 
+from s3cache.store.layout import footprint
 from s3cache.store.recency import GENERATIONS, WALL_CLOCK, Generation
 
 DISKCACHE_POLICY = "s3cache-batched-lru"
@@ -43,40 +43,6 @@ CULL_ROWS = 256
 
 _COLUMNS = "rowid, filename, MAX(size, IFNULL(LENGTH(value), 0)), LENGTH(key)"
 _Row = tuple[int, str | None, int, int]
-
-# How SQLite (4 KB pages) stores an entry's row: values under diskcache's 32 KB threshold live in the
-# row, larger ones in a file. A row's payload is its value, its key and about 40 bytes of other
-# columns; its index entries (key, tag, access_time) take about 56 bytes plus the key.
-_PAGE = 4096
-INLINE_BELOW = 2**15
-_ROW_BYTES = 40
-_INDEX_BYTES = 56
-_FILE_ROW_BYTES = 80
-_MAX_LOCAL = _PAGE - 35
-_MIN_LOCAL = (_PAGE - 12) * 32 // 255 - 23
-
-
-def footprint(value: int, key: int) -> int:
-    """Bytes one entry adds to the store's volume: its row's share of leaf pages, overflow pages, index entries.
-
-    Args:
-        value: Bytes of the stored value.
-        key: Characters of its key.
-    """
-    index = _INDEX_BYTES + key
-    if value >= INLINE_BELOW:
-        return value + _FILE_ROW_BYTES + key + index
-    payload = value + key + _ROW_BYTES
-    overflow = 0
-    local = payload
-    if payload > _MAX_LOCAL:  # SQLite keeps part of the payload in the leaf and the rest in overflow pages
-        local = _MIN_LOCAL + (payload - _MIN_LOCAL) % (_PAGE - 4)
-        if local > _MAX_LOCAL:
-            local = _MIN_LOCAL
-        overflow = math.ceil((payload - local) / (_PAGE - 4))
-        local += 4
-    per_leaf = max(1, (_PAGE - 8) // (local + 4))
-    return math.ceil(_PAGE / per_leaf) + overflow * _PAGE + index
 
 
 class Victim(NamedTuple):
@@ -108,7 +74,7 @@ class LeastRecentlyUsed:
 
     def victims(self, con: sqlite3.Connection, excess: int, current: Generation | None) -> list[Victim]:
         """The least recently used rows covering ``excess`` bytes, at most :data:`CULL_ROWS` per round."""
-        return _cover(excess, _by_recency(con, None, CULL_ROWS))
+        return _cover(con, excess, _by_recency(con, None, CULL_ROWS))
 
 
 class KeepCurrentRun:
@@ -130,9 +96,9 @@ class KeepCurrentRun:
         """
         if current is None or not current.protect:
             return LeastRecentlyUsed().victims(con, excess, current)
-        chosen = _cover(excess, _by_recency(con, current.gen, CULL_ROWS))
+        chosen = _cover(con, excess, _by_recency(con, current.gen, CULL_ROWS))
         if not chosen:
-            chosen = _cover(excess, con.execute(
+            chosen = _cover(con, excess, con.execute(
                 f"SELECT {_COLUMNS} FROM Cache WHERE access_time = ? ORDER BY rowid DESC LIMIT ?",
                 (current.gen, CULL_ROWS)))
         return chosen
@@ -154,18 +120,19 @@ def _by_recency(con: sqlite3.Connection, spared: int | None, limit: int) -> Iter
                                    (gen, limit))
 
 
-def _cover(excess: int, rows: Iterable[_Row]) -> list[Victim]:
+def _cover(con: sqlite3.Connection, excess: int, rows: Iterable[_Row]) -> list[Victim]:
     """The first rows whose footprints add up to at least ``excess`` (all of them if they do not).
 
     Weighing rows by what removing them frees, not by their values' length, keeps an eviction from
-    removing a third more entries than the limit asks for (a 3 KB array takes a whole 4 KB page).
+    removing more entries than the limit asks for (a 48 KB value spans whole overflow pages).
     """
+    ((page_size,),) = con.execute("PRAGMA page_size").fetchall()
     chosen: list[Victim] = []
     covered = 0
     for rowid, filename, size, key in rows:
         if covered >= excess or len(chosen) >= CULL_ROWS:
             break
-        freed = footprint(size, key or 0)
+        freed = footprint(size, key or 0, page_size, in_file=filename is not None)
         chosen.append(Victim(rowid, filename, freed))
         covered += freed
     return chosen

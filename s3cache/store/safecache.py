@@ -146,6 +146,25 @@ class SafeCache(diskcache.Cache):
     clear = _guarded(diskcache.Cache.clear)
 
 
+def _create_database(path: Path, page_size: int) -> None:
+    """Create an empty WAL database with pages of ``page_size`` bytes, unless the database exists.
+
+    diskcache switches a new database to WAL before it applies any other setting, and a WAL
+    database keeps the page size and the auto-vacuum mode it has: so both are set here, first
+    (auto-vacuum as diskcache sets it, so that deleting entries shrinks the database).
+    """
+    if path.exists():
+        return
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # as diskcache would
+    con = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        con.execute(f"PRAGMA page_size = {int(page_size)}")
+        con.execute(f"PRAGMA auto_vacuum = {int(DEFAULT_SETTINGS['sqlite_auto_vacuum'])}")
+        con.execute("PRAGMA journal_mode = WAL")
+    finally:
+        con.close()
+
+
 def _checked_setting(key: str, value: Any) -> Any:
     """A setting's value if it has the expected kind (pragma values: a plain word or a number)."""
     if key.startswith("sqlite_") and not (isinstance(value, int | float)
@@ -245,7 +264,8 @@ class ReadOnlyCache(SafeCache):
         super().close()
 
 
-def open_diskcache(directory: Path, *, private: bool = True, **settings: Any) -> SafeCache:
+def open_diskcache(directory: Path, *, private: bool = True, page_size: int | None = None,
+                   **settings: Any) -> SafeCache:
     """Open a diskcache store with :class:`~s3cache.store.disk.SafeDisk`.
 
     On a full file system an existing store opens read-only (:class:`ReadOnlyCache`) instead of
@@ -254,6 +274,8 @@ def open_diskcache(directory: Path, *, private: bool = True, **settings: Any) ->
     Args:
         directory: The store's directory.
         private: New value files owner-only (off for a shared cache).
+        page_size: The page size of a new database (SQLite's default if ``None``); an existing
+            database keeps its own.
         **settings: diskcache settings.
 
     Raises:
@@ -262,6 +284,8 @@ def open_diskcache(directory: Path, *, private: bool = True, **settings: Any) ->
     """
     cache = SafeCache.__new__(SafeCache)
     try:
+        if page_size is not None:
+            _create_database(directory / DBNAME, page_size)
         cache.__init__(str(directory), disk=SafeDisk, statistics=False, **settings)  # type: ignore[misc]
     except (OSError, sqlite3.Error) as exc:
         with contextlib.suppress(Exception):
