@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed-images", type=int, default=200,
                         help="photos the sequential seed recipe reads; its rate is measured on this subset")
     parser.add_argument("--lru-rounds", type=int, default=5, help="warm passes per setting in the LRU comparison")
+    parser.add_argument("--warm-rounds", type=int, default=5,
+                        help="further warm passes of s3cache and the raw read limit, compared by their medians")
     parser.add_argument("--contenders", nargs="+", choices=ORDER, default=ORDER, help="run only these")
     parser.add_argument("--profile", nargs="+", choices=ORDER, default=[],
                         help="record these contenders with py-spy (summary: results/<out>-<ms>ms-<name>.profile.txt)")
@@ -109,6 +111,7 @@ def run_latency(latency_ms: float, photos: list[tuple[str, bytes]], local_dir: P
             local_dir=str(local_dir), work_dir=str(scratch / "work"), cache_dir=str(scratch / "s3cache"),
             images=len(photos), seed_images=min(args.seed_images, len(photos)),
             image_size=tuple(args.image_size), batch_size=args.batch_size, lru_rounds=args.lru_rounds,
+            warm_rounds=args.warm_rounds,
             server_pid=_server_pid(),
         )
         workload.save(scratch / "workload.json")
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             scratch.mkdir()
             summaries.append(summarize(latency_ms, run_latency(latency_ms, photos, local_dir, scratch, args)))
     settings = {key: vars(args)[key] for key in ("images", "latency_ms", "image_size", "batch_size",
-                                                 "seed_images", "lru_rounds", "contenders")}
+                                                 "seed_images", "lru_rounds", "warm_rounds", "contenders")}
     print(write_results(args.out, settings, info, summaries))
     for summary in summaries:
         print(f"targets at {summary['latency_ms']:g} ms:")

@@ -31,7 +31,9 @@ from harness import (
     Run,
     Workload,
     batches,
+    median_epoch,
     recency,
+    repeated_passes,
     stamp_recency,
     timed_epoch,
     timed_epochs,
@@ -236,13 +238,15 @@ def s3cache_online_numpy(workload: Workload) -> list[Run]:
 
 
 def _s3cache_online(workload: Workload, name: str, decoder: str, cache: str = "") -> list[Run]:
+    """Epoch 1 cold, epoch 2 warm, then more warm passes (:func:`~harness.repeated_passes`), as their median."""
     dataset = _s3cache_dataset(workload, offline=False, decoder=decoder, cache=cache)
     try:
         epochs = timed_epochs(workload, lambda _: _s3cache_epoch(dataset), ["1 (cold)", "2 (warm)"])
+        warm, note, rates = repeated_passes(workload, lambda _: _s3cache_epoch(dataset), len(epochs))
     finally:
         dataset.close()
-    return [Run(name, f"s3cache image_dataset_from_s3, {DECODER_LABELS[decoder]}", epochs,
-                extra={"stats": dataset.stats, "decoder": decoder})]
+    return [Run(name, f"s3cache image_dataset_from_s3, {DECODER_LABELS[decoder]}", [*epochs, warm], note=note,
+                extra={"stats": dataset.stats, "decoder": decoder, "warm_passes": rates})]
 
 
 def s3cache_offline(workload: Workload) -> list[Run]:
@@ -328,10 +332,7 @@ def _s3cache_packed(workload: Workload, name: str, decoder: str) -> Run:
 
 
 def _median_run(name: str, label: str, epochs: list[Epoch]) -> Run:
-    ranked = sorted(epochs, key=lambda e: e.images_per_s)
-    median = ranked[len(ranked) // 2]
-    summary = Epoch(f"median of {len(epochs)}", median.images, median.seconds, sum(e.s3_requests for e in epochs),
-                    max(e.peak_rss_mb for e in epochs), median.cpu_seconds, median.server_cpu_seconds)
+    summary = median_epoch("passes", epochs)
     spread = {"images_per_s": [e.images_per_s for e in epochs],
               "stdev_images_per_s": statistics.stdev([e.images_per_s for e in epochs]) if len(epochs) > 1 else 0.0}
     return Run(name, label, [summary], extra=spread)
@@ -373,8 +374,10 @@ def raw_limit(workload: Workload) -> list[Run]:
             delivered += len(raw.astype(np.float32))
         return delivered
 
-    return [Run("raw", "limit: os.read + np.frombuffer of resized arrays, page cache",
-                timed_epochs(workload, run_epoch))]
+    epochs = timed_epochs(workload, run_epoch)
+    repeated, note, rates = repeated_passes(workload, run_epoch, len(epochs))
+    return [Run("raw", "limit: os.read + np.frombuffer of resized arrays, page cache", [*epochs, repeated],
+                note=note, extra={"warm_passes": rates})]
 
 
 def capacity_boto3(workload: Workload) -> list[Run]:

@@ -12,6 +12,7 @@ import os
 import platform
 import resource
 import sqlite3
+import statistics
 import subprocess
 import time
 import urllib.request
@@ -60,6 +61,8 @@ class Workload:
         batch_size: Images per batch.
         epochs: Passes per contender.
         lru_rounds: Warm passes per setting in the LRU comparison.
+        warm_rounds: Further passes of s3cache and of the raw read limit after their timed epochs,
+            summed up by their median (the warm ratio compares the two medians).
         server_pid: The endpoint's process, whose CPU time is read around every epoch.
     """
 
@@ -76,6 +79,7 @@ class Workload:
     batch_size: int
     epochs: int = 2
     lru_rounds: int = 5
+    warm_rounds: int = 5
     server_pid: int = 0
 
     @property
@@ -200,6 +204,30 @@ def timed_epochs(workload: Workload, run_epoch: Callable[[int], int], labels: li
     """Time ``workload.epochs`` passes; ``run_epoch(i)`` makes pass ``i`` (from 0) and returns its image count."""
     labels = labels or [str(i + 1) for i in range(workload.epochs)]
     return [timed_epoch(labels[i], workload, lambda i=i: run_epoch(i)) for i in range(workload.epochs)]
+
+
+def median_epoch(label: str, epochs: list[Epoch]) -> Epoch:
+    """One line for several passes: the median pass's time and CPU, all their requests, the highest peak RSS."""
+    median = sorted(epochs, key=lambda e: e.images_per_s)[len(epochs) // 2]
+    return Epoch(f"{label}, median of {len(epochs)}", median.images, median.seconds,
+                 sum(e.s3_requests for e in epochs), max(e.peak_rss_mb for e in epochs), median.cpu_seconds,
+                 median.server_cpu_seconds)
+
+
+def repeated_passes(workload: Workload, run_epoch: Callable[[int], int], first: int) -> tuple[Epoch, str, list[float]]:
+    """Time ``workload.warm_rounds`` more passes, numbered from ``first`` (0-based), as their median.
+
+    Returns:
+        The median pass (:func:`median_epoch`), a note with the passes' min/median/max throughput,
+        and every pass's throughput.
+    """
+    passes = [timed_epoch(str(first + i + 1), workload, lambda i=i: run_epoch(first + i))
+              for i in range(workload.warm_rounds)]
+    rates = [e.images_per_s for e in passes]
+    label = f"{first + 1}-{first + len(passes)}"
+    note = (f"passes {label}: min/median/max {min(rates):,.0f} / {statistics.median(rates):,.0f} / "
+            f"{max(rates):,.0f} images/s")
+    return median_epoch(label, passes), note, rates
 
 
 def _no_touch(self: Any, *args: Any) -> None:

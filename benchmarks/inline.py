@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{spread(row['write'])} | {spread(row['read'])} | {statistics.median(row['space']):.2f} |"
               for row in rows]
     lines += ["", f"The store keeps entries under {INLINE_LIMIT // 1024} KiB as rows "
-              "(`s3cache.store.layout.INLINE_LIMIT`); the way marked * is the store's: a new store's page size is picked for its first "
-              "dataset's entries (`s3cache.store.layout.page_size_for`)."]
+              "(`s3cache.store.layout.INLINE_LIMIT`); the way marked * is the store's: a new store's page size "
+              "is picked for its first dataset's entries (`s3cache.store.layout.page_size_for`)."]
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)

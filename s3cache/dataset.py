@@ -142,6 +142,8 @@ class S3ImageDataset(keras.utils.PyDataset):
         self._recorder: StatsRecorder | None = None
         prune_stats(config.cache_dir)
         self._order = self._epoch_order(0)
+        # Items whose arrays the store held when last served: read-ahead skips them (no lookup, no key).
+        self._held = np.zeros(len(self.items), dtype=bool)
         self._last_index: int | None = None
         self._served = False  # whether this epoch has served anything yet
         self._loader: Loader | None = None
@@ -314,7 +316,8 @@ class S3ImageDataset(keras.utils.PyDataset):
         self._served = True
         loader = self.loader
         try:
-            arrays = loader.load(self._batch_items(index))
+            arrays, held = loader.load_with_hits(self._batch_items(index))
+            self._held[self._order[index * self._step: (index + 1) * self._step]] = held
             loader.prefetch(self._readahead_items(index))
         finally:
             self._record(loader)  # a batch that raised counted its misses and retries too
@@ -330,17 +333,19 @@ class S3ImageDataset(keras.utils.PyDataset):
         return images, self._encode_labels(self.labels[positions])
 
     def _readahead_items(self, index: int) -> list[Item]:
-        """The items to read ahead after serving ``index``.
+        """The items to read ahead after serving ``index``, leaving out those the store held when last served.
 
         After a jump that is the whole window; in sequential order only the batch entering it,
-        since the previous calls asked for the others.
+        since the previous calls asked for the others. An item left out because it was held, but
+        evicted since, is read when its batch is served.
         """
         sequential = self._last_index is not None and index == self._last_index + 1
         # Never the batch just served (readahead 0): with a full cache its misses would be fetched again.
         first = index + max(self.readahead, 1) if sequential else index + 1
+        last = min(index + 1 + self.readahead, len(self))
         self._last_index = index
-        return [item for ahead in range(first, min(index + 1 + self.readahead, len(self)))
-                for item in self._batch_items(ahead)]
+        ahead = self._order[first * self._step: max(first, last) * self._step]
+        return [self.items[i] for i in ahead[~self._held[ahead]]]
 
     def _batch_items(self, index: int) -> list[Item]:
         positions = self._order[index * self._step: (index + 1) * self._step]

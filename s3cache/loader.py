@@ -143,6 +143,10 @@ class Loader:
                 is too large) and ``on_error="raise"``.
             S3CacheError: S3 failed for a miss (see :mod:`s3cache.errors`).
         """
+        return self.load_with_hits(items)[0]
+
+    def load_with_hits(self, items: Sequence[Item]) -> tuple[list[np.ndarray | None], list[bool]]:
+        """As :meth:`load`, and for each item whether the store held its entry when the batch looked it up."""
         keys = [self._fetcher.lookup_key(item) for item in items]
         with self._lock:
             # Reads in flight stay pending while this batch waits for them, so that no other thread starts
@@ -167,10 +171,11 @@ class Loader:
                     if self._pending.get(keys[index]) is future:
                         del self._pending[keys[index]]
                 self._unmark_serving(marked)
+        held = [entry is not None for entry in entries]
         for index, result in results.items():
             entries[index] = result.entry
         self._count_served(results.values())
-        return [self._resolve(item, entry) for item, entry in zip(items, entries, strict=True)]
+        return [self._resolve(item, entry) for item, entry in zip(items, entries, strict=True)], held
 
     def _lookup(self, items: Sequence[Item], keys: Sequence[str],
                 waiting: dict[int, _Reading]) -> tuple[list[Entry | None], list[int]]:

@@ -23,6 +23,7 @@ from s3cache.errors import (
     EndpointUnreachableError,
     NotCachedError,
 )
+from s3cache.store import ArrayStore
 from s3cache.testing.locals3 import LocalS3
 
 URL = "s3://photos/train/"
@@ -202,6 +203,26 @@ def test_misses_of_next_batches_are_read_ahead(s3: LocalS3, bucket: str, cache_d
     s3.reset_stats()
     ds[1]
     assert ds.stats["hits"] == 0 and len(object_gets(s3)) <= 4 * ds.readahead  # batch 1 came from read-ahead
+
+
+def test_read_ahead_skips_items_held_and_an_evicted_one_is_read_with_its_batch(
+        s3: LocalS3, bucket: str, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, batch_size=4, shuffle=True, seed=3))
+    expected = dict(zip(ds.file_paths, stack_images(all_batches(ds)), strict=True))  # cold: Keras's order
+    all_batches(ds)  # warm: every item served from the store
+    looked_up: list[str] = []
+    existing = ArrayStore.existing
+    monkeypatch.setattr(ArrayStore, "existing", lambda store, keys: looked_up.extend(keys) or existing(store, keys))
+    s3.reset_stats()
+    all_batches(ds)
+    assert looked_up == [] and s3.requests() == 0  # nothing to read ahead: no lookup at all
+    evicted = ds.items[5]
+    with ArrayStore(cache_dir / "arrays") as other_process:
+        assert other_process.delete(ds.loader.key(evicted))
+    order = ds._order
+    served = stack_images(all_batches(ds))
+    assert object_gets(s3) == [f"/photos/{evicted.key}"]  # read when its batch was served, once
+    np.testing.assert_array_equal(served, [expected[ds.file_paths[i]] for i in order])
 
 
 def test_keras_fit_evaluate_predict(s3: LocalS3, bucket: str, cache_dir: Path) -> None:

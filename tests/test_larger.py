@@ -30,8 +30,7 @@ from s3cache.listing import resolve_url_list
 from s3cache.source import SourceCounters
 from s3cache.spec import ImageSpec
 from s3cache.stats import CacheStatsCallback, CacheTooSmallWarning, cache_bytes_needed
-from s3cache.store import ArrayStore
-from s3cache.store import layout
+from s3cache.store import ArrayStore, layout
 from s3cache.testing.locals3 import LocalS3
 from s3cache.testing.sampledata import upload_photos
 

@@ -11,10 +11,11 @@ its own and read through the pager one by one: larger pages mean fewer of them (
 of 224x224 entries about 45% less CPU than 4 KiB pages and read them about 20% faster; 128x128
 entries (48 KB) write at the same cost and read about 15% faster. But SQLite's rule for the part
 of a row kept in its leaf page wastes up to a third of the space at some sizes (a 12 KB row takes a
-whole 16 KiB page), and rows sharing a leaf page free it only together. So a new store takes the largest page size at which its first dataset's
-rows span overflow pages and take at most 5% more room than with SQLite's default
-(:func:`page_size_for`). A store keeps the page size it was created with (SQLite fixes it once a
-database has content), so the estimates here take the page size as an argument.
+whole 16 KiB page), and rows sharing a leaf page free it only together. So a new store takes the
+largest page size at which its first dataset's rows span overflow pages and take at most 5% more
+room than with SQLite's default (:func:`page_size_for`). A store keeps the page size it was created
+with (SQLite fixes it once a database has content), so the estimates here take the page size as an
+argument.
 """
 
 from __future__ import annotations
