@@ -56,6 +56,7 @@ DEFAULT_SIZE_LIMIT = 10 * 10**9
 # A batch is taken to need at most 1 + 1/_ROOM_SLACK times its bytes of room (pages, index, directories).
 _ROOM_SLACK = 4
 
+
 class ArrayStore:
     """Encoded image arrays under a size limit.
 
