@@ -15,7 +15,7 @@ import s3cache
 from s3cache import codec
 from s3cache.config import parse_size
 from s3cache.store import ArrayStore, layout
-from s3cache.store.directory import CacheDirectory
+from s3cache.store.directory import CacheDirectory, verify_directory
 from s3cache.testing.locals3 import LocalS3
 
 ENTRY = np.arange(128 * 128 * 3, dtype=np.uint32).astype(np.uint8).reshape(128, 128, 3)
@@ -146,3 +146,17 @@ def test_page_size_is_picked_for_the_entries_and_kept_by_the_store(tmp_path: Pat
     store.close()
     with ArrayStore(tmp_path / "arrays", page_size=4096) as reopened:
         assert reopened.page_size == 16384
+
+
+def test_a_damaged_store_is_rebuilt_with_its_page_size(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    with CacheDirectory(cache_dir, page_size=16384) as cache:
+        cache.arrays.put_many([(f"k{i}", codec.encode_array(ENTRY, key=f"k{i}")) for i in range(8)], tag="t")
+    database = cache_dir / "arrays" / "cache.db"
+    data = bytearray(database.read_bytes())
+    data[16384:] = bytes(len(data) - 16384)  # every page after the first zeroed: the tables are gone
+    database.write_bytes(bytes(data))
+    problems = verify_directory(cache_dir, fix=True)
+    assert [problem.key for problem in problems] == ["<arrays database>"] and "rebuilt" in problems[0].action
+    with ArrayStore(cache_dir / "arrays") as rebuilt:
+        assert len(rebuilt) == 0 and rebuilt.page_size == 16384

@@ -22,7 +22,7 @@ from s3cache.errors import CacheError
 from s3cache.store.arrays import ArrayStore
 from s3cache.store.disk import DBNAME, is_value_file
 from s3cache.store.meta import MetaStore
-from s3cache.store.repair import database_damage, read_setting, rebuild_store, write_on_full_disk
+from s3cache.store.repair import database_damage, header_page_size, read_setting, rebuild_store, write_on_full_disk
 from s3cache.store.safecache import SafeCache, open_diskcache
 from s3cache.store.verify import Problem
 
@@ -217,13 +217,15 @@ def verify_directory(path: Path, fix: bool = False, *, trust_shared: bool = Fals
             problems.append(Problem(f"<{store} database>", damage))
             continue
         limit = read_setting(directory, "size_limit") if store == "arrays" else None
+        page_size = header_page_size(directory)  # kept, as its first dataset's arrays chose it
         files = rebuild_store(directory)
         what = (f"arrays store rebuilt empty ({files} value files removed): its images are fetched from S3 again"
                 if store == "arrays" else "metadata store rebuilt empty: listings are listed again on the next "
                 "online run, spec records are written again by the next run of each spec")
         problems.append(Problem(f"<{store} database>", damage, what))
         if store == "arrays":
-            ArrayStore(directory, limit if isinstance(limit, int) else None, private=not trust_shared).close()
+            ArrayStore(directory, limit if isinstance(limit, int) else None, private=not trust_shared,
+                       page_size=page_size).close()
         else:
             MetaStore(directory).close()
     if "arrays" in usable:

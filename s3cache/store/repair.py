@@ -24,6 +24,10 @@ from s3cache.store.connection import connect_readonly, immediate_transaction
 from s3cache.store.disk import DATABASE_FILES
 from s3cache.store.faults import CacheFullError, is_damaged, is_disk_full
 
+# An SQLite database file starts with this, and its page size is the big-endian 16 bits after it.
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_HEADER_BYTES = 18
+
 log = logging.getLogger(__name__)
 
 
@@ -91,6 +95,20 @@ def read_setting(directory: Path, key: str) -> Any:
     except sqlite3.Error:
         return None
     return None if row is None else row[0]
+
+
+def header_page_size(directory: Path) -> int | None:
+    """The page size a store's database file declares in its header (readable when the rest is damaged), if any."""
+    try:
+        with open(directory / DBNAME, "rb") as database:
+            header = database.read(_HEADER_BYTES)
+    except OSError:
+        return None
+    if len(header) < _HEADER_BYTES or not header.startswith(_SQLITE_MAGIC):
+        return None
+    size = int.from_bytes(header[16:18], "big")
+    size = 65536 if size == 1 else size  # the header's way of writing 64 KiB
+    return size if 512 <= size <= 65536 and size & (size - 1) == 0 else None
 
 
 def rebuild_store(directory: Path) -> int:
