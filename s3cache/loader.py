@@ -205,6 +205,8 @@ class Loader:
             return
         with self._lock:
             wanted = {key: item for item in items if (key := self._fetcher.lookup_key(item)) not in self._pending}
+        if not wanted:  # a warm epoch: the dataset asks for nothing it saw held
+            return
         cached = self.store.existing(list(wanted))
         with self._lock:
             # Decided and registered in one step: a load() on another thread either finds the read
