@@ -160,3 +160,21 @@ def test_a_damaged_store_is_rebuilt_with_its_page_size(tmp_path: Path) -> None:
     assert [problem.key for problem in problems] == ["<arrays database>"] and "rebuilt" in problems[0].action
     with ArrayStore(cache_dir / "arrays") as rebuilt:
         assert len(rebuilt) == 0 and rebuilt.page_size == 16384
+
+
+def test_a_read_stamped_back_rewrites_no_array(tmp_path: Path) -> None:
+    store = ArrayStore(tmp_path / "arrays", parse_size("1GB"), page_size=16384)
+    entries = [(f"k{i}", codec.encode_array(ENTRY, key=f"k{i}")) for i in range(64)]
+    assert store.begin_run("first").gen == store.begin_run("first").gen >= 2**23  # stamps of one width
+    store.put_many(entries, tag="t")
+    store.close()
+    wal = tmp_path / "arrays" / "cache.db-wal"
+    store = ArrayStore(tmp_path / "arrays")  # the last close folded the log into the database
+    store.begin_run("second")  # another dataset: each read is stamped back
+    size_before = wal.stat().st_size
+    assert all(entry is not None for entry in store.get_many([key for key, _ in entries]))
+    store.recency.flush()
+    # In place: about a leaf page per 8 rows and the index, not the 64 arrays' 3 MB.
+    assert set(access_times(tmp_path).values()) == {store.recency.current.gen}
+    assert wal.stat().st_size - size_before < len(entries) * ENTRY_BYTES / 8
+    store.close()

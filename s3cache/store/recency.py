@@ -42,6 +42,10 @@ CHUNK = 500
 WALL_CLOCK = 1e8
 # Entries of a cache created before generations get this one, the oldest.
 LEGACY = 0
+# Generations are numbered from here. SQLite writes a number in as few bytes as it fits, and changes an
+# entry's row in place only when the row keeps its size; a stamp that grew from 1 to 2 bytes would rewrite
+# the whole row, array included (about 10x the cost). From 2**23 up to WALL_CLOCK every stamp takes 4 bytes.
+FIRST_GEN = 2**23
 
 GENERATIONS = "S3cacheGeneration"
 _SCHEMA = (
@@ -120,8 +124,10 @@ class RecencyLog:
                 order = int(con.execute(f"SELECT IFNULL(MAX(ord), 0) + 1 FROM {GENERATIONS}").fetchone()[0])
                 row = con.execute(f"SELECT gen, ord FROM {GENERATIONS} WHERE run = ?", (run,)).fetchone()
                 if row is None:
-                    gen = int(con.execute(f"INSERT INTO {GENERATIONS} (run, ord, taken) VALUES (?, ?, ?)",
-                                          (run, order, time.time())).lastrowid or 0)
+                    after = (f"(SELECT MAX(IFNULL(MAX(seq), 0) + 1, ?) FROM sqlite_sequence"
+                             f" WHERE name = '{GENERATIONS}')")
+                    gen = int(con.execute(f"INSERT INTO {GENERATIONS} (gen, run, ord, taken) VALUES ({after}, ?, ?, ?)",
+                                          (FIRST_GEN, run, order, time.time())).lastrowid or 0)
                 elif row[1] == order - 1:
                     gen, order = int(row[0]), int(row[1])  # another process of the run did it meanwhile
                 else:
