@@ -15,7 +15,9 @@ generations' ``ord``, whatever the clocks and timings of the processes involved:
   it holds becomes newer than every entry of the other runs.
 * Reading an entry stamped with another run's generation (datasets that share images) notes it;
   the next flush stamps it with the reader's generation, in batched ``UPDATE`` statements on a
-  background thread. Entries a run stamped itself are never written again.
+  background thread. Entries a run stamped itself are never written again. Generations are
+  numbered from :data:`FIRST_GEN`, so that every stamp has the same width and a write-back
+  overwrites the stamp in place instead of rewriting the row with its array.
 
 So repeated epochs of one dataset write nothing, and neither does reading dataset A again after B:
 A's entries become newer than B's with one row written. Stored entries are stamped in the
