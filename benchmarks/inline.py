@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> None:
                 found[way]["write"].append(write)
                 found[way]["read"].append(read)
                 found[way]["space"].append(space)
-        kib = (side * side * 3 + codec.HEADER_SIZE) / 1024
-        picked = page_size_for(side * side * 3 + codec.HEADER_SIZE)
+        entry = codec.entry_size((side, side, 3))
+        kib = entry / 1024
+        picked = page_size_for(entry)
         rows += [{"side": side, "kib": kib, "way": way, "picked": picked, **times} for way, times in found.items()]
         print(f"{side}x{side}: " + ", ".join(f"{way} write {statistics.median(t['write']):.3f} ms, read "
                                              f"{statistics.median(t['read']):.3f} ms" for way, t in found.items()),

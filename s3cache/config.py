@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from s3cache.codec import entry_size
-from s3cache.decoders import DECODERS, decoder_from_env
+from s3cache.decoders import decoder_name
 from s3cache.items import Item, any_members
 from s3cache.source.base import DEFAULT_BYTES_IN_FLIGHT, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_OBJECT_SIZE
 from s3cache.store.directory import CacheDirectory, trust_shared_from_env
@@ -135,9 +135,7 @@ class CacheConfig:
         """
         if on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
-        decoder = decoder_from_env() if decoder is None else decoder
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        decoder = decoder_name(decoder)
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()

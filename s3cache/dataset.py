@@ -315,9 +315,10 @@ class S3ImageDataset(keras.utils.PyDataset):
             raise IndexError(f"batch index {index} out of range for {len(self)} batches")
         self._served = True
         loader = self.loader
+        positions = self._positions(index)
         try:
-            arrays, held = loader.load_with_hits(self._batch_items(index))
-            self._held[self._order[index * self._step: (index + 1) * self._step]] = held
+            arrays, held = loader.load_with_hits([self.items[i] for i in positions])
+            self._held[positions] = held
             loader.prefetch(self._readahead_items(index))
         finally:
             self._record(loader)  # a batch that raised counted its misses and retries too
@@ -329,8 +330,7 @@ class S3ImageDataset(keras.utils.PyDataset):
             images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
         if self.labels is None or self.label_mode is None:
             return images, None
-        positions = self._order[index * self._step: (index + 1) * self._step][kept]
-        return images, self._encode_labels(self.labels[positions])
+        return images, self._encode_labels(self.labels[positions[kept]])
 
     def _readahead_items(self, index: int) -> list[Item]:
         """The items to read ahead after serving ``index``, leaving out those the store held when last served.
@@ -348,8 +348,11 @@ class S3ImageDataset(keras.utils.PyDataset):
         return [self.items[i] for i in ahead[~self._held[ahead]]]
 
     def _batch_items(self, index: int) -> list[Item]:
-        positions = self._order[index * self._step: (index + 1) * self._step]
-        return [self.items[i] for i in positions]
+        return [self.items[i] for i in self._positions(index)]
+
+    def _positions(self, index: int) -> np.ndarray:
+        """Positions in :attr:`items` of index ``index``'s images, in this epoch's order."""
+        return self._order[index * self._step: (index + 1) * self._step]
 
     def _encode_labels(self, labels: np.ndarray) -> np.ndarray:
         if self.label_mode == "int":

@@ -131,6 +131,18 @@ def decoder_from_env() -> str:
     return os.environ.get(DECODER_ENV, "").strip().lower() or "auto"
 
 
+def decoder_name(decoder: str | None) -> str:
+    """A decoder's name checked, ``None`` meaning :func:`decoder_from_env`.
+
+    Raises:
+        ValueError: Not one of :data:`DECODERS`.
+    """
+    decoder = decoder_from_env() if decoder is None else decoder
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    return decoder
+
+
 def open_decoder(spec: ImageSpec, decoder: str | Decoder | None = None) -> Decoder:
     """The decoder for a spec.
 
@@ -146,9 +158,7 @@ def open_decoder(spec: ImageSpec, decoder: str | Decoder | None = None) -> Decod
     """
     if decoder is not None and not isinstance(decoder, str):
         return decoder
-    decoder = decoder_from_env() if decoder is None else decoder
-    if decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    decoder = decoder_name(decoder)
     if decoder == "tensorflow" or (decoder == "auto" and _tensorflow_running() and tensorflow_applies(spec)):
         return TensorFlowDecoder(spec)
     return NumpyDecoder(spec)
