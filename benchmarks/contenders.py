@@ -31,6 +31,7 @@ from harness import (
     Run,
     Workload,
     batches,
+    collect_setup_garbage,
     median_epoch,
     recency,
     repeated_passes,
@@ -304,6 +305,7 @@ def _pack(workload: Workload) -> dict[str, Any]:
 
     from s3cache.pack import pack
 
+    collect_setup_garbage()
     started, cpu = time.perf_counter(), time.process_time()
     report = pack(workload.url, _packed_url(workload), shard_size=PACKED_SHARD_SIZE,
                   storage_options=workload.storage_options)

@@ -6,6 +6,7 @@ Not run by itself; ``compare.py``, ``contenders.py`` and ``scale.py`` import it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -181,6 +182,17 @@ def _cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
+def collect_setup_garbage() -> None:
+    """Collect garbage before a timed pass, untimed, in every contender alike.
+
+    A process with TensorFlow loaded holds about 450,000 Python objects, and a full collection pauses every
+    thread for 150-270 ms on this machine. CPython runs one once enough objects have outlived younger
+    collections since the last, so a setup that allocates much (listing, packing, building a model) leaves a
+    debt that an otherwise unrelated pass pays. A pause that a pass's own allocations bring on is still timed.
+    """
+    gc.collect()
+
+
 def timed_epoch(label: str, workload: Workload, run_epoch: Callable[[], int]) -> Epoch:
     """Time one pass; count the endpoint's requests and both processes' CPU time during it.
 
@@ -190,6 +202,7 @@ def timed_epoch(label: str, workload: Workload, run_epoch: Callable[[], int]) ->
         run_epoch: Makes the pass and returns how many images it delivered.
     """
     server = psutil.Process(workload.server_pid)
+    collect_setup_garbage()
     requests, server_cpu = server_requests(workload.endpoint_url), _cpu_seconds(server)
     cpu, start = time.process_time(), time.perf_counter()
     images = run_epoch()

@@ -156,7 +156,8 @@ def image_dataset_from_s3(
 
     # -- list (or read the stored listing), then order, label, shuffle and split as Keras does ----------
     with config.open_cache(spec=spec) as cache:
-        listed = resolve_items(directory, cache.meta, config.open_source())
+        s3 = config.open_s3()  # the datasets read through its client too: it is ready by then
+        listed = resolve_items(directory, cache.meta, s3)
         if offline:
             require_cached(listed, spec.fingerprint, cache.arrays)
         warn_if_larger_than_cache(listed, spec, cache.arrays)
@@ -188,7 +189,7 @@ def image_dataset_from_s3(
             label_mode=label_mode, batch_size=batch_size, shuffle=part_shuffle, seed=seed, dtype=dtype,
             data_format=data_format, steps_per_epoch=math.ceil(largest_shard / (batch_size or 1)),
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
-            cold_shards=cold_shards, run=run_key(spec.fingerprint, directory),
+            cold_shards=cold_shards, run=run_key(spec.fingerprint, directory), s3=s3 and s3.sharing_client(),
         )
         return ds.to_tf_dataset() if format == "tf" else ds
 

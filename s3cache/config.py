@@ -24,6 +24,7 @@ from s3cache.store.layout import page_size_for
 if TYPE_CHECKING:
     from s3cache.loader import Loader
     from s3cache.source import Source
+    from s3cache.source.s3 import S3Source
     from s3cache.spec import ImageSpec
 
 DEFAULT_CONCURRENCY = 32
@@ -166,30 +167,39 @@ class CacheConfig:
         return CacheDirectory(self.cache_dir, self.size_limit, must_exist=must_exist,
                               trust_shared=self.trust_shared_cache, page_size=page_size)
 
-    def open_source(self, items: Sequence[Item] = ()) -> Source | None:
-        """The S3 source, or ``None`` offline.
-
-        Args:
-            items: The items a dataset will read; tar-shard members among them are read in chunks.
-        """
+    def open_s3(self) -> S3Source | None:
+        """A new S3 source (its client is created on first use), or ``None`` offline."""
         if self.offline:
             return None
         from s3cache.source.s3 import S3Source
 
-        source = S3Source(self.storage_options, concurrency=self.concurrency, fetch_timeout=self.fetch_timeout)
-        return reading_members_by_chunk(source, items)
+        return S3Source(self.storage_options, concurrency=self.concurrency, fetch_timeout=self.fetch_timeout)
 
-    def open_loader(self, spec: ImageSpec, items: Sequence[Item] = ()) -> Loader:
+    def open_source(self, items: Sequence[Item] = (), s3: S3Source | None = None) -> Source | None:
+        """The source a dataset reads through, or ``None`` offline.
+
+        Args:
+            items: The items a dataset will read; tar-shard members among them are read in chunks.
+            s3: An S3 source to read through, such as one sharing the client that listed the items
+                (:meth:`S3Source.sharing_client <s3cache.source.s3.S3Source.sharing_client>`):
+                creating a client costs about 70 ms of CPU. A new one by default.
+        """
+        source = s3 or self.open_s3()
+        return None if source is None else reading_members_by_chunk(source, items)
+
+    def open_loader(self, spec: ImageSpec, items: Sequence[Item] = (), s3: S3Source | None = None) -> Loader:
         """Open the cache and the source, record the spec, and build a loader over them.
 
         Args:
             spec: How images are decoded.
             items: The items the loader will serve (see :meth:`open_source`).
+            s3: An S3 source to read through (see :meth:`open_source`).
         """
         from s3cache.loader import Loader
 
         cache = self.open_cache(spec=spec)
         # Recorded now, and again by the array store if `s3cache clear` removes the record meanwhile.
         cache.record_spec(spec.fingerprint, spec.to_dict())
-        return Loader(spec, cache.arrays, self.open_source(items), on_error=self.on_error, decoder=self.decoder,
-                      max_object_size=self.max_object_size, max_bytes_in_flight=self.max_bytes_in_flight)
+        return Loader(spec, cache.arrays, self.open_source(items, s3), on_error=self.on_error,
+                      decoder=self.decoder, max_object_size=self.max_object_size,
+                      max_bytes_in_flight=self.max_bytes_in_flight)

@@ -9,7 +9,7 @@ import math
 import multiprocessing.util
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
@@ -21,6 +21,9 @@ from s3cache.loader import Loader
 from s3cache.order import full_shuffle, shard_window_shuffle
 from s3cache.spec import ImageSpec
 from s3cache.stats import StatsRecorder, new_stats_id, prune_stats, read_stats, stats_directory
+
+if TYPE_CHECKING:
+    from s3cache.source.s3 import S3Source
 
 DTYPES = ("float32", "uint8")
 PACKED_READAHEAD_IMAGES = 256
@@ -91,6 +94,8 @@ class S3ImageDataset(keras.utils.PyDataset):
         run: The cache's name for this run (:func:`s3cache.listing.run_key`): the cache keeps the
             entries of the current run rather than cycling through a dataset larger than itself.
             Default: derived from the spec and the items.
+        s3: An S3 source opened in this process (sharing the client that listed ``items``), read
+            through by this process's loader instead of a new one; other processes open their own.
         **kwargs: ``workers``, ``use_multiprocessing``, ``max_queue_size`` for ``PyDataset``.
     """
 
@@ -112,6 +117,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         steps_per_epoch: int | None = None,
         cold_shards: bool = False,
         run: str | None = None,
+        s3: S3Source | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -148,6 +154,7 @@ class S3ImageDataset(keras.utils.PyDataset):
         self._served = False  # whether this epoch has served anything yet
         self._loader: Loader | None = None
         self._loader_pid = -1
+        self._s3, self._s3_pid = s3, os.getpid()
 
     # -- keras.utils.PyDataset --------------------------------------------------------------------
 
@@ -224,7 +231,9 @@ class S3ImageDataset(keras.utils.PyDataset):
         """This process's loader, opened on first use."""
         if self._loader is None or self._loader_pid != os.getpid():
             # The size limit was set when the dataset was built; a worker opening the cache keeps the stored one.
-            self._loader = dataclasses.replace(self.config, size_limit=None).open_loader(self.spec, self.items)
+            s3 = self._s3 if self._s3_pid == os.getpid() else None  # s3fs does not survive a fork
+            config = dataclasses.replace(self.config, size_limit=None)
+            self._loader = config.open_loader(self.spec, self.items, s3)
             self._loader_pid = os.getpid()
             self._loader.store.begin_run(self.run)
             self._recorder = StatsRecorder(stats_directory(self.config.cache_dir, self._stats_id))
@@ -278,7 +287,7 @@ class S3ImageDataset(keras.utils.PyDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_loader"], state["_loader_pid"], state["_recorder"] = None, -1, None
+        state["_loader"], state["_loader_pid"], state["_recorder"], state["_s3"] = None, -1, None, None
         return state
 
     # -- internals ----------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import logging
 import multiprocessing
 import os
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -190,27 +191,65 @@ def _detached(error: DecodeError) -> DecodeError:
 
 
 @functools.lru_cache(maxsize=16)
-def _jpeg_graph(size: tuple[int, int], channels: int, method: str) -> Callable[[Sequence[bytes]], np.ndarray]:
-    """A function decoding a batch of JPEGs to one ``uint8`` array, as Keras's loader, in one TensorFlow graph.
+def _jpeg_graph(size: tuple[int, int], channels: int, method: str) -> JpegGraph:
+    """The process's :class:`JpegGraph` for an output shape and kernel (tracing one costs about 0.1 s)."""
+    return JpegGraph(size, channels, method)
 
-    One per output shape and kernel in a process: tracing one costs about 0.1 s.
+
+class JpegGraph:
+    """Decodes a batch of JPEGs to one ``uint8`` array, as Keras's loader does, in one TensorFlow graph.
+
+    The graph is traced, and run once on a tiny JPEG, on a thread started at creation: the first
+    call otherwise pays about 70 ms of tracing and kernel set-up, while a loader's first objects are
+    still on their way from S3.
+
+    Args:
+        size: Output ``(height, width)``.
+        channels: 1 or 3.
+        method: The ``tf.image.resize`` kernel.
     """
-    import tensorflow as tf
 
-    def one(blob: Any) -> Any:
-        # Keras's load_image: decode_image, then resize; the cache keeps uint8, rounded half to even as np.rint.
-        image = tf.io.decode_image(blob, channels=channels, expand_animations=False)
-        image.set_shape([None, None, channels])
-        resized = tf.cast(tf.image.resize(image, size, method=method), tf.float32)
-        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+    def __init__(self, size: tuple[int, int], channels: int, method: str) -> None:
+        import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
-    def batch(blobs: Any) -> Any:
-        with tf.device("/CPU:0"):  # a process training on a GPU keeps it for the model
-            return tf.map_fn(one, blobs, fn_output_signature=tf.TensorSpec((*size, channels), tf.uint8),
-                             parallel_iterations=16)
+        self._tf = tf
 
-    def run(blobs: Sequence[bytes]) -> np.ndarray:
-        return batch(tf.constant(list(blobs), dtype=tf.string)).numpy()
+        def one(blob: Any) -> Any:
+            # Keras's load_image: decode_image, then resize; the cache keeps uint8, rounded half to even as np.rint.
+            image = tf.io.decode_image(blob, channels=channels, expand_animations=False)
+            image.set_shape([None, None, channels])
+            resized = tf.cast(tf.image.resize(image, size, method=method), tf.float32)
+            return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
 
-    return run
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+        def batch(blobs: Any) -> Any:
+            with tf.device("/CPU:0"):  # a process training on a GPU keeps it for the model
+                return tf.map_fn(one, blobs, fn_output_signature=tf.TensorSpec((*size, channels), tf.uint8),
+                                 parallel_iterations=16)
+
+        self._batch = batch
+        # Not a daemon: an interpreter exiting meanwhile waits for it rather than leave TensorFlow mid-call.
+        self.warm_up = threading.Thread(target=self._warm_up, name="s3cache-decoder-warm-up")
+        self.warm_up.start()
+
+    def __call__(self, blobs: Sequence[bytes]) -> np.ndarray:
+        """The ``(len(blobs), height, width, channels)`` array of the JPEGs (TensorFlow raises on any bad one)."""
+        return self._batch(self._tf.constant(list(blobs), dtype=self._tf.string)).numpy()
+
+    @property
+    def traces(self) -> int:
+        """How many times the graph was traced (1 once warmed up: every batch shape shares one trace)."""
+        return int(self._batch.experimental_get_tracing_count())
+
+    def _warm_up(self) -> None:
+        try:
+            self([_tiny_jpeg()])
+        except Exception as exc:  # the first real batch traces it then, or reports what is wrong
+            log.debug("warming up the TensorFlow decoder failed: %s", exc)
+
+
+def _tiny_jpeg() -> bytes:
+    """An 8x8 black JPEG."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    return buffer.getvalue()

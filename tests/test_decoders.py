@@ -89,6 +89,18 @@ def test_bad_images_in_a_batch_fail_alone(jpegs: list[tuple[str, bytes]]) -> Non
     assert isinstance(results[3], ImageTooLargeError) and isinstance(results[2], DecodeError)
 
 
+def test_the_graph_is_warmed_up_on_a_thread_before_the_first_batch(jpegs: list[tuple[str, bytes]]) -> None:
+    spec = ImageSpec((27, 29))  # a shape no other test uses: a graph of its own
+    decoder = TensorFlowDecoder(spec)
+    graph = decoder._run_graph
+    graph.warm_up.join()
+    assert graph.traces == 1  # traced (and run) before any image arrived
+    urls = [f"s3://b/{name}" for name, _ in jpegs]
+    decoded = decoder.decode_many([data for _, data in jpegs], urls)
+    assert graph.traces == 1  # the first real batch reused that trace
+    assert_within_rounding(decoded, NumpyDecoder(spec).decode_many([data for _, data in jpegs], urls))
+
+
 @pytest.mark.parametrize("options", [{"crop_to_aspect_ratio": True}, {"pad_to_aspect_ratio": True},
                                      {"antialias": True}, {"jpeg_draft": True}, {"color_mode": "rgba"}])
 def test_tensorflow_is_refused_where_its_pixels_would_differ(options: dict[str, object]) -> None:
