@@ -356,6 +356,11 @@ def test_stats_add_up_over_keras_workers(s3: LocalS3, bucket: str, cache_dir: Pa
     assert stats["misses"] == len(object_gets(s3)) == 24  # each object fetched once, counted once
     # Dataset epochs: Keras's look at the input shapes (epoch 0), then the two epochs of fit.
     assert len(stats["epochs"]) == 3 and sum(epoch["hits"] + epoch["misses"] for epoch in stats["epochs"][1:]) == 48
+    assert stats["epochs"][2]["s3_requests"] == 0 and sum(history["cache_misses"]) == 24
+    if workers == "threads":
+        # Keras's thread pool and its tf.data generator can load batches across an epoch's end (seen once on a busy
+        # machine: 12 of epoch 1's 24 reads counted in epoch 2), so only the totals above are exact there.
+        return
     assert stats["epochs"][2] == {"epoch": 2, "hits": 24, "misses": 0, "skipped": 0, "s3_requests": 0, "s3_bytes": 0,
                                   "retries": 0, "shared": 0, "hit_rate": 1.0}
     assert history["cache_hits"][1] == 24 and history["cache_hit_rate"][1] == 1.0
