@@ -218,14 +218,27 @@ def test_persistent_faults_name_the_object_and_the_attempts(
 
 # -- 2. a warm killed mid-way --------------------------------------------------------------------------------
 
-# Where each warm is killed: (object GETs sent, value files written) by this run to wait for, then seconds to
-# wait. diskcache writes a value file just before committing its row.
-KILL_POINTS = {"listing": (0, 0, 0.0), "GET in flight": (1, 0, 0.0), "value file written": (0, 1, 0.0),
-               "just after a write": (0, 2, 0.005), "decoding a response": (3, 0, 0.045)}
+# Where each warm is killed: (object GETs sent, value files written, rows committed) by this run to wait for, then
+# seconds to wait. The store writes a batch's value files, then commits their rows in one transaction.
+KILL_POINTS = {"listing": (0, 0, 0, 0.0), "GET in flight": (1, 0, 0, 0.0), "value file written": (0, 1, 0, 0.0),
+               "just after a write": (0, 2, 0, 0.005), "decoding a response": (3, 0, 0, 0.045),
+               "just after a commit": (0, 0, 1, 0.0)}
 
 
 def count_value_files(cache_dir: Path) -> int:
     return len(list((cache_dir / "arrays").rglob("*.val")))
+
+
+def count_committed_rows(cache_dir: Path) -> int:
+    """Rows of file-backed entries committed to the store's database, read without creating it."""
+    database = cache_dir / "arrays" / "cache.db"
+    if not database.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True) as con:
+            return con.execute("SELECT COUNT(*) FROM Cache WHERE filename IS NOT NULL").fetchone()[0]
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
 
 
 def verify_and_repair(cache_dir: Path) -> int:
@@ -249,12 +262,14 @@ def test_sigkill_mid_warm_leaves_a_consistent_cache(
     warm = s3cache_command("warm", URL, "--image-size", str(FILE_SIDE), str(FILE_SIDE), "--cache-dir", str(cache_dir),
                            "--endpoint-url", s3.endpoint_url, "--concurrency", "2")
     s3.configure(latency_ms=40)  # a warm then takes long enough to be killed at chosen points
-    for point, (gets, files, delay) in KILL_POINTS.items():
+    for point, (gets, files, rows, delay) in KILL_POINTS.items():
         s3.reset_stats()
-        target = count_value_files(cache_dir) + files
+        files_target = count_value_files(cache_dir) + files
+        rows_target = count_committed_rows(cache_dir) + rows
         process = subprocess.Popen(warm, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda gets=gets, target=target: s3.requests() > 0 and len(object_gets(s3)) >= gets
-                   and count_value_files(cache_dir) >= target, process)
+        wait_until(lambda gets=gets, files_target=files_target, rows_target=rows_target:
+                   s3.requests() > 0 and len(object_gets(s3)) >= gets and count_value_files(cache_dir) >= files_target
+                   and count_committed_rows(cache_dir) >= rows_target, process)
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         assert process.wait() == -signal.SIGKILL, f"the warm finished before the kill at {point!r}"
