@@ -3,7 +3,7 @@
 :meth:`ImageSpec.decode <s3cache.spec.ImageSpec.decode>` reproduces Keras's loader (TensorFlow's JPEG
 decoding and ``tf.image.resize``) with Pillow and NumPy. :class:`TensorFlowDecoder` runs Keras's own
 calls, in one TensorFlow graph per batch, on the JPEGs for which the two agree (see
-:func:`~s3cache.spec.decodes_as_tensorflow`), and every other image through ``ImageSpec.decode``. The
+:meth:`~s3cache.jpeglayout.JpegLayout.decodes_as_tensorflow`), and every other image through ``ImageSpec.decode``. The
 arrays are the same, but for float rounding: one level apart on about one pixel in 20,000 (both are
 Keras's to within rounding), so entries from either share the cache. The decoder changes the speed: a
 batch of 64 photos resized to 128x128 costs about 0.45 ms of CPU per image through TensorFlow, spread
@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from s3cache.errors import DecodeError
-from s3cache.spec import FORMATS, ImageSpec, decodes_as_tensorflow
+from s3cache.jpeglayout import layout_of, read_layout
+from s3cache.spec import FORMATS, ImageSpec
 
 DECODERS = ("auto", "numpy", "tensorflow")
 DECODER_ENV = "S3CACHE_DECODER"
@@ -109,14 +110,18 @@ class TensorFlowDecoder:
     def _takes(self, blob: bytes) -> bool:
         """Whether an image goes through TensorFlow: a JPEG within ``max_pixels`` that both decoders agree on.
 
-        Only the header is read (Pillow's safe readers only); anything unusual is left to ``ImageSpec.decode``,
-        which names the problem.
+        Only the header is read: by :func:`~s3cache.jpeglayout.read_layout` where it is plain, else by
+        Pillow (its safe readers only). Anything unusual is left to ``ImageSpec.decode``, which names the problem.
         """
         try:
-            with Image.open(io.BytesIO(blob), formats=FORMATS) as image:
-                width, height = image.size
-                return (image.format == "JPEG" and width * height <= self.spec.max_pixels
-                        and decodes_as_tensorflow(image, self.spec.color_mode == "grayscale"))
+            layout = read_layout(blob)
+            if layout is None:
+                with Image.open(io.BytesIO(blob), formats=FORMATS) as image:
+                    if image.format != "JPEG":
+                        return False
+                    layout = layout_of(image)
+            return (layout.pixels <= self.spec.max_pixels
+                    and layout.decodes_as_tensorflow(self.spec.color_mode == "grayscale"))
         except Exception:
             return False
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from s3cache.errors import DecodeError, ImageTooLargeError
+from s3cache.jpeglayout import layout_of
 from s3cache.tfcolor import JpegPixels, luma
 from s3cache.tfimage import PixelSource, crop_box, pad_layout, pixels_in, resize
 from s3cache.tfkernels import INTERPOLATIONS
@@ -198,9 +199,10 @@ class ImageSpec:
             image.draft("L" if self.color_mode == "grayscale" else None, (width, height))
             return None
         grayscale = self.color_mode == "grayscale"
-        if not decodes_as_tensorflow(image, grayscale):
+        layout = layout_of(image)
+        if not layout.decodes_as_tensorflow(grayscale):
             return None  # Pillow's own (accurate) decode
-        sampling = jpeg_sampling(image)
+        sampling = layout.sampling
         upsampled = len(set(sampling)) > 1
         # A gray output is libjpeg's own (the luma plane, for YCbCr), as TensorFlow asks for it; JpegPixels
         # rebuilds RGB from the raw planes where chroma is upsampled.
@@ -259,39 +261,3 @@ def _pillow_resize(pixels: np.ndarray, size: tuple[int, int], resample: Image.Re
     image = Image.frombuffer(mode, (width, height), np.ascontiguousarray(pixels), "raw", mode, 0, 1)
     resized = np.asarray(image.resize((size[1], size[0]), resample), dtype=np.uint8)
     return np.ascontiguousarray(resized.reshape(*size, channels))
-
-
-def jpeg_sampling(image: Image.Image) -> list[tuple[int, int]]:
-    """The ``(horizontal, vertical)`` sampling factors of an opened JPEG's components."""
-    return [(int(layer[1]), int(layer[2])) for layer in image.layer]
-
-
-def decodes_as_tensorflow(image: Image.Image, grayscale: bool) -> bool:
-    """Whether :meth:`ImageSpec.decode` gives TensorFlow's own pixels for an opened (not loaded) JPEG.
-
-    It does for gray and RGB JPEGs whose chroma is sampled 4:4:4, 4:2:2 or 4:2:0 (or not read, for a
-    gray output): Pillow's fast mode upsamples chroma differently, which :class:`JpegPixels` redoes in
-    those layouts only. Others (CMYK, rarer samplings) are Pillow's own accurate decode, about 1 level apart.
-    """
-    if image.mode not in ("L", "RGB"):
-        return False
-    sampling = jpeg_sampling(image)
-    return len(set(sampling)) == 1 or (_is_ycbcr(image) and (grayscale or _is_halved(sampling)))
-
-
-def _is_ycbcr(image: Image.Image) -> bool:
-    """Whether a 3-component JPEG is YCbCr-coded, by libjpeg's rule.
-
-    JFIF means YCbCr; else an Adobe marker's transform says; else the component IDs 'R', 'G', 'B' mean RGB.
-    """
-    if "jfif" in image.info:
-        return True
-    if "adobe" in image.info:
-        return image.info.get("adobe_transform") != 0
-    return [layer[0] for layer in image.layer] != [82, 71, 66]
-
-
-def _is_halved(sampling: list[tuple[int, int]]) -> bool:
-    """Whether each chroma plane has luma's resolution, or half its columns, or half its columns and rows."""
-    (luma_h, luma_v), chroma = sampling[0], sampling[1:]
-    return all((luma_h / h, luma_v / v) in {(1, 1), (2, 1), (2, 2)} for h, v in chroma)
