@@ -63,8 +63,7 @@ class S3ImageDataset(keras.utils.PyDataset):
     """Batches of images (and labels) from S3, read through the local array cache.
 
     Build it with :func:`s3cache.image_dataset_from_s3`. Each process (Keras worker processes
-    included) opens its own store and S3 client on first use (or :meth:`open`), since neither
-    survives a fork.
+    included) opens its own store and S3 client on first use, since neither survives a fork.
 
     Every direct pass (``for batch in ds``) is an epoch: it ends with :meth:`on_epoch_end`, so the
     next pass is reshuffled, and a pass started over an epoch that was already partly served (a
