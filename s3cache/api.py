@@ -191,8 +191,6 @@ def image_dataset_from_s3(
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size,
             cold_shards=cold_shards, run=run_key(spec.fingerprint, directory), s3=s3 and s3.sharing_client(),
         )
-        if not use_multiprocessing:  # worker processes open their own: opening here would be wasted
-            ds.open()
         return ds.to_tf_dataset() if format == "tf" else ds
 
     if not validation_split:

@@ -228,15 +228,7 @@ class S3ImageDataset(keras.utils.PyDataset):
 
     @property
     def loader(self) -> Loader:
-        """This process's loader, opened on first use (or by :meth:`open`)."""
-        return self.open()
-
-    def open(self) -> Loader:
-        """Open this process's loader now, unless it is open: the store, the S3 client and the decoder.
-
-        ``image_dataset_from_s3`` opens it as it builds the dataset (unless ``use_multiprocessing``), so
-        that the decoder's warm-up runs while the script builds its model, not before the first batch.
-        """
+        """This process's loader, opened on first use."""
         if self._loader is None or self._loader_pid != os.getpid():
             # The size limit was set when the dataset was built; a worker opening the cache keeps the stored one.
             s3 = self._s3 if self._s3_pid == os.getpid() else None  # s3fs does not survive a fork

@@ -52,15 +52,6 @@ def test_the_first_batch_reads_through_the_client_that_listed(s3: LocalS3, bucke
     assert get.connection == listing.connection
 
 
-@pytest.mark.parametrize("use_multiprocessing", [False, True])
-def test_the_loader_opens_as_the_dataset_is_built_unless_workers_are_processes(
-    s3: LocalS3, bucket: str, cache_dir: Path, use_multiprocessing: bool
-) -> None:
-    # Opened at once, the decoder warms up while the script builds its model; worker processes open their own.
-    ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, use_multiprocessing=use_multiprocessing))
-    assert (ds._loader is not None) is not use_multiprocessing
-
-
 def test_dataset_shape_labels_and_paths(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
     ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, label_mode="categorical"))
     x, y = ds[0]
