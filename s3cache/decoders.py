@@ -3,11 +3,12 @@
 :meth:`ImageSpec.decode <s3cache.spec.ImageSpec.decode>` reproduces Keras's loader (TensorFlow's JPEG
 decoding and ``tf.image.resize``) with Pillow and NumPy. :class:`TensorFlowDecoder` runs Keras's own
 calls, in one TensorFlow graph per batch, on the JPEGs for which the two agree (see
-:meth:`~s3cache.jpeglayout.JpegLayout.decodes_as_tensorflow`), and every other image through ``ImageSpec.decode``. The
-arrays are the same, but for float rounding: one level apart on about one pixel in 20,000 (both are
-Keras's to within rounding), so entries from either share the cache. The decoder changes the speed: a
-batch of 64 photos resized to 128x128 costs about 0.45 ms of CPU per image through TensorFlow, spread
-over every core, against 1.7-2.1 ms through NumPy, whose short steps mostly hold the GIL.
+:meth:`~s3cache.jpeglayout.JpegLayout.decodes_as_tensorflow`, read from each header), and every other
+image through ``ImageSpec.decode``. The arrays are the same, but for float rounding: one level apart on
+about one pixel in 20,000 (both are Keras's to within rounding), so entries from either share the cache.
+The decoder changes the speed: a batch of 64 photos resized to 128x128 costs about 0.45 ms of CPU per
+image through TensorFlow, spread over every core, against 1.7-2.1 ms through NumPy, whose short steps
+mostly hold the GIL.
 
 ``decoder="auto"`` (the default, unless ``$S3CACHE_DECODER`` names another) uses TensorFlow only in a
 process that has imported it already (a Keras training script on the TensorFlow backend) and that is
