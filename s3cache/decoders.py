@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from s3cache.errors import DecodeError
-from s3cache.jpeglayout import layout_of, read_layout
+from s3cache.jpeglayout import JpegLayout, layout_of, read_layout
 from s3cache.spec import FORMATS, ImageSpec
 
 DECODERS = ("auto", "numpy", "tensorflow")
@@ -115,16 +115,21 @@ class TensorFlowDecoder:
         Pillow (its safe readers only). Anything unusual is left to ``ImageSpec.decode``, which names the problem.
         """
         try:
-            layout = read_layout(blob)
-            if layout is None:
-                with Image.open(io.BytesIO(blob), formats=FORMATS) as image:
-                    if image.format != "JPEG":
-                        return False
-                    layout = layout_of(image)
-            return (layout.pixels <= self.spec.max_pixels
+            layout = read_layout(blob) or pillow_layout(blob)
+            return (layout is not None and layout.pixels <= self.spec.max_pixels
                     and layout.decodes_as_tensorflow(self.spec.color_mode == "grayscale"))
         except Exception:
             return False
+
+
+def pillow_layout(blob: bytes) -> JpegLayout | None:
+    """The layout of a JPEG as Pillow reads its header (safe readers only); ``None`` for another format.
+
+    Raises:
+        Exception: Whatever Pillow raises for a file it cannot identify or read.
+    """
+    with Image.open(io.BytesIO(blob), formats=FORMATS) as image:
+        return layout_of(image) if image.format == "JPEG" else None
 
 
 def tensorflow_applies(spec: ImageSpec) -> bool:
