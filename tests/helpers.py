@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import io
 import subprocess
 import sys
@@ -29,16 +28,6 @@ def object_gets(s3: LocalS3) -> list[str]:
 def listings(s3: LocalS3) -> list[str]:
     """Paths of the list requests the server received."""
     return [path for method, path, query in s3.log() if method == "GET" and "list-type" in query]
-
-
-def collect_before_forking() -> None:
-    """Collect what earlier tests left, before a test lets Keras fork worker processes from this one.
-
-    Datasets earlier tests did not close hold SQLite connections, which close when collected, on whatever
-    thread. A fork taken while one closes copies one of SQLite's process-wide mutexes in its locked state,
-    and the worker then waits forever opening the store (seen once in a full run).
-    """
-    gc.collect()
 
 
 def dataset_options(s3: LocalS3, cache_dir: Path, **overrides: Any) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import all_batches, collect_before_forking, dataset_options, listings, object_gets, stack_images
+from helpers import all_batches, dataset_options, listings, object_gets, stack_images
 
 import s3cache
 from s3cache import cli, ops
@@ -112,7 +112,6 @@ def test_keras_worker_processes_share_the_run(s3: LocalS3, bucket: str, cache_di
         ds = s3cache.image_dataset_from_s3(URL, **dataset_options(s3, cache_dir, batch_size=4, shuffle=True, seed=2,
                                                                   workers=2, use_multiprocessing=True,
                                                                   cache_size_limit=limit))
-    collect_before_forking()
     history = tiny_model(len(ds.class_names)).fit(ds, epochs=3, verbose=0, callbacks=[CacheStatsCallback(ds)])
     held = len(cached_keys(cache_dir))
     assert held >= 0.95 * 12

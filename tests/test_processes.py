@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import collect_before_forking, dataset_options, object_gets
+from helpers import dataset_options, object_gets
 
 import s3cache
 from s3cache.store import ArrayStore
@@ -46,7 +46,6 @@ def test_fit_with_keras_workers(s3: LocalS3, bucket: str, cache_dir: Path, use_m
     ds = s3cache.image_dataset_from_s3(
         URL, **dataset_options(s3, cache_dir, batch_size=4, shuffle=True, seed=2, workers=2,
                                use_multiprocessing=use_multiprocessing, decoder=decoder))
-    collect_before_forking()
     history = tiny_model(len(ds.class_names)).fit(ds, epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2
     if not use_multiprocessing:

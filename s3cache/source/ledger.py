@@ -29,6 +29,8 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from s3cache import forksafe
+
 FILENAME = "fetches.db"
 DEFAULT_TTL = 15.0
 _CHUNK = 500  # keys per statement, under SQLite's limit on bound parameters
@@ -218,10 +220,10 @@ class FetchLedger:
             if self.read_only:
                 if not self.path.exists():
                     return None
-                con = sqlite3.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True, timeout=30,
+                con = forksafe.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True, timeout=30,
                                       isolation_level=None, check_same_thread=False)
             else:
-                con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                con = forksafe.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
                 try:
                     con.execute("PRAGMA journal_mode = WAL")
                     con.execute("PRAGMA synchronous = NORMAL")

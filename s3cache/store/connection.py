@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from s3cache import forksafe
 from s3cache.store.faults import is_disk_full
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def connect_readonly(database: Path) -> sqlite3.Connection:
     (``immutable``): what a live writer has not checkpointed yet is not seen, but nothing is written.
     """
     uri = database.absolute().as_uri()
-    con = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+    con = forksafe.connect(uri + "?mode=ro", uri=True, timeout=60, isolation_level=None, check_same_thread=False)
     try:
         con.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
     except sqlite3.OperationalError as exc:
@@ -36,7 +37,7 @@ def connect_readonly(database: Path) -> sqlite3.Connection:
         if not is_disk_full(exc, database.parent):
             raise
         log.info("reading %s without its WAL index: %s", database, exc)
-        con = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=60, isolation_level=None,
+        con = forksafe.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=60, isolation_level=None,
                               check_same_thread=False)
     # Entries inline in the database are read through a memory map, not one read() per page.
     con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
@@ -81,8 +82,7 @@ class Connections:
         """An immediate write transaction on the shared writer, serialized across threads."""
         with self._write_lock:
             if self._writer is None:
-                self._writer = sqlite3.connect(self.path, timeout=60, isolation_level=None,
-                                               check_same_thread=False)
+                self._writer = forksafe.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
                 self._writer.execute("PRAGMA synchronous = NORMAL")
             with immediate_transaction(self._writer) as con:
                 yield con

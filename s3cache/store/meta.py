@@ -76,7 +76,7 @@ class MetaStore:
         for start in range(0, len(unique), _LOOKUP_CHUNK):
             chunk = unique[start:start + _LOOKUP_CHUNK]
             query = f"SELECT url, item FROM {_OBJECTS} WHERE url IN ({','.join('?' * len(chunk))})"
-            found.update((url, Item.from_json(json.loads(item))) for url, item in con.execute(query, chunk))
+            found.update((url, Item.from_json(json.loads(item))) for url, item in con.execute(query, chunk).fetchall())
         return found
 
     def indexed_count(self) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 from diskcache.core import DBNAME
 
+from s3cache import forksafe
 from s3cache.errors import CacheError
 from s3cache.store.connection import connect_readonly, immediate_transaction
 from s3cache.store.disk import DATABASE_FILES
@@ -43,7 +44,7 @@ def write_on_full_disk(database: Path, write: Callable[[sqlite3.Connection], Non
         CacheFullError: It does not fit either way.
     """
     for exclusive in (False, True):
-        con = sqlite3.connect(database, timeout=5 if exclusive else 60, isolation_level=None)
+        con = forksafe.connect(database, timeout=5 if exclusive else 60, isolation_level=None)
         try:
             if exclusive:
                 con.execute("PRAGMA locking_mode = EXCLUSIVE")

@@ -54,7 +54,8 @@ def select_rows(con: sqlite3.Connection, columns: str, keys: Sequence[str]) -> I
     for start in range(0, len(keys), SELECT_CHUNK):
         chunk = keys[start:start + SELECT_CHUNK]
         marks = ",".join("?" * len(chunk))
-        yield from con.execute(f"SELECT {columns} FROM Cache WHERE raw = 1 AND key IN ({marks})", chunk)
+        # fetchall: one call into SQLite per chunk, not one per row (each call takes s3cache.forksafe's gate)
+        yield from con.execute(f"SELECT {columns} FROM Cache WHERE raw = 1 AND key IN ({marks})", chunk).fetchall()
 
 
 def safe_keys(con: sqlite3.Connection) -> Iterator[str]:

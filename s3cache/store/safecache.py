@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import diskcache
 from diskcache.core import DBNAME, DEFAULT_SETTINGS, ENOVAL, METADATA
 
+from s3cache import forksafe
 from s3cache.errors import CacheError
 from s3cache.store.connection import connect_readonly
 from s3cache.store.disk import SAFE_ROW, SafeDisk, UnsafeEntryError
@@ -67,6 +68,26 @@ class SafeCache(diskcache.Cache):
     """
 
     read_only = False
+
+    @property
+    def _con(self) -> sqlite3.Connection:
+        """This thread's connection, through :mod:`s3cache.forksafe` (diskcache opens plain ones).
+
+        As diskcache does, a forked child opens its own, and a new connection applies the stored
+        ``sqlite_`` settings (some pragmas hold per connection).
+        """
+        con = getattr(self._local, "con", None)
+        if con is None or getattr(self._local, "pid", None) != os.getpid():
+            if con is not None:
+                self.close()
+            con = self._local.con = forksafe.connect(Path(self._directory) / DBNAME, timeout=self._timeout,
+                                                     isolation_level=None, check_same_thread=False)
+            self._local.pid = os.getpid()
+            with contextlib.suppress(sqlite3.OperationalError):  # no Settings table yet
+                for key, value in con.execute("SELECT key, value FROM Settings").fetchall():
+                    if key.startswith("sqlite_"):
+                        self.reset(key, value, update=False)
+        return con
 
     def reset(self, key: str, value: Any = ENOVAL, update: bool = True) -> Any:
         """Apply a setting; unknown ones (planted in a database) are ignored, odd values refused."""
@@ -156,7 +177,7 @@ def _create_database(path: Path, page_size: int) -> None:
     if path.exists():
         return
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # as diskcache would
-    con = sqlite3.connect(path, timeout=60, isolation_level=None)
+    con = forksafe.connect(path, timeout=60, isolation_level=None)
     try:
         con.execute(f"PRAGMA page_size = {int(page_size)}")
         con.execute(f"PRAGMA auto_vacuum = {int(DEFAULT_SETTINGS['sqlite_auto_vacuum'])}")
