@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
+import multiprocessing.util
 import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -184,14 +186,13 @@ class S3ImageDataset(keras.utils.PyDataset):
             self._loader.store.recency.refresh()
 
     def on_epoch_end(self) -> None:
-        """Reshuffle for the next epoch, wait until this epoch's entries are stored, and write back cache recency."""
+        """Reshuffle for the next epoch and write back cache recency."""
         self.epoch += 1
         self._order = self._epoch_order(self.epoch)
         self._last_index = None
         self._served = False
         if self._loader is not None and self._loader_pid == os.getpid():
             self._loader.drop_prefetched()
-            self._loader.flush()  # an epoch's entries are in the store when it ends, for any process to read
             self._loader.store.recency.flush()  # before another dataset may evict by it
             self._loader.store.recency.refresh()
 
@@ -236,7 +237,8 @@ class S3ImageDataset(keras.utils.PyDataset):
             self._loader_pid = os.getpid()
             self._loader.store.begin_run(self.run)
             self._recorder = StatsRecorder(stats_directory(self.config.cache_dir, self._stats_id))
-            self._loader.close_at_exit()  # Keras worker processes end without closing anything
+            # Keras worker processes end without closing anything: write back their last reads as they exit.
+            multiprocessing.util.Finalize(self._loader, _flush_quietly, (self._loader.store.recency,), exitpriority=10)
         return self._loader
 
     def close(self) -> None:
@@ -326,8 +328,6 @@ class S3ImageDataset(keras.utils.PyDataset):
         try:
             arrays, held = loader.load_with_hits([self.items[i] for i in positions])
             self._held[positions] = held
-            if self.use_multiprocessing:
-                loader.flush()  # Keras may end a worker process (or fork one) once its batch is delivered
             loader.prefetch(self._readahead_items(index))
         finally:
             self._record(loader)  # a batch that raised counted its misses and retries too
@@ -369,6 +369,12 @@ class S3ImageDataset(keras.utils.PyDataset):
         if self.label_mode == "binary":
             return labels.astype("float32").reshape(-1, 1)
         return np.eye(self.num_classes, dtype="float32")[labels]
+
+
+def _flush_quietly(recency: Any) -> None:
+    """Write back noted reads at exit, unless the cache is gone by then."""
+    with contextlib.suppress(Exception):
+        recency.flush()
 
 
 def _default_run(spec: ImageSpec, items: Sequence[Item]) -> str:

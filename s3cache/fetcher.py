@@ -5,7 +5,7 @@ reads the item through a :class:`~s3cache.source.Source`, decodes what arrived m
 batch (:mod:`s3cache.decoders`; the members of a tar-shard chunk arrive together) and hands the
 entries to a :class:`~s3cache.writer.BatchWriter`, which stores arrivals in batches. What
 bucket content can do to memory is bounded here: an object listed larger than ``max_object_size`` is
-refused before any request, and the listed bytes of the objects being read, decoded or stored at once never
+refused before any request, and the listed bytes of the objects being read and decoded at once never
 exceed ``max_bytes_in_flight`` (further reads wait their turn). Processes sharing a cache directory
 fetch each object once: a miss is claimed in the directory's
 :class:`~s3cache.source.ledger.FetchLedger`, and a process that finds it claimed by a live process
@@ -17,12 +17,11 @@ stored listing).
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,17 +70,11 @@ class Refused(codec.Failure):
 
 @dataclass(frozen=True)
 class FetchResult:
-    """The outcome of one miss: the entry, whether this process read it, and where it is stored.
-
-    A miss this process decoded is served at once, while its entry is still being written:
-    ``written`` is the store write (done once the entry is in the store; see
-    :meth:`s3cache.writer.BatchWriter.submit`), ``None`` when this process writes nothing.
-    """
+    """The outcome of one miss: the entry, whether this process read it, and where it was stored."""
 
     entry: Entry
     fetched: bool
     stored_key: str | None = None
-    written: concurrent.futures.Future[bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -104,15 +97,6 @@ class _Wait:
     give_up: float  # time.monotonic() past which this process fetches the item itself
 
 
-def _after_write(done: concurrent.futures.Future[FetchResult], then: Callable[[], None]) -> None:
-    """Call ``then`` once a finished miss's entry is written, or at once if it writes nothing."""
-    written = None if done.cancelled() or done.exception() is not None else done.result().written
-    if written is None:
-        then()
-    else:
-        written.add_done_callback(lambda _: then())
-
-
 def _fail_decodes(batch: list[_Decode], error: BaseException) -> None:
     """Decoding a batch failed outside any one image (the decoder itself broke): every caller hears why."""
     for job in batch:
@@ -131,7 +115,7 @@ class Fetcher:
             or a :class:`~s3cache.decoders.Decoder`: see :func:`s3cache.decoders.open_decoder`.
         max_object_size: Objects listed larger than this many bytes are refused without a request;
             ``None`` accepts any size.
-        max_bytes_in_flight: Most listed bytes of objects being read, decoded or stored at once; reads past
+        max_bytes_in_flight: Most listed bytes of objects being read or decoded at once; reads past
             it wait. An object larger than this is read alone.
         ledger: The cache directory's fetch ledger: ``True`` opens the one beside ``store`` (in its
             parent directory), ``False`` or ``None`` fetches without coordination.
@@ -178,7 +162,6 @@ class Fetcher:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self._write_error: BaseException | None = None
 
     @property
     def decoder(self) -> str:
@@ -253,7 +236,7 @@ class Fetcher:
         size = self._budget.weigh(item.size)
 
         def start() -> None:
-            result.add_done_callback(lambda done: _after_write(done, lambda: self._budget.release(size)))
+            result.add_done_callback(lambda _: self._budget.release(size))
             if not result.cancelled():
                 self._read_then_decode(item, key, result)
 
@@ -317,37 +300,22 @@ class Fetcher:
         return FetchResult(entry, fetched=True, stored_key=stored_key), encoded
 
     def _store(self, job: _Decode, fetched: FetchResult, encoded: bytes) -> None:
-        """Hand a decoded entry to the store writer, and resolve the job's result at once.
-
-        The caller is served without waiting for the write (whose commit may also checkpoint the
-        WAL: tens of ms), so decoding goes on meanwhile; ``written`` in the result tracks the write.
-        The writer releases the fetch claim once the entry is stored; a failed write releases it here.
-        """
+        """Hand a decoded entry to the store writer; the job's result is resolved once the entry is stored."""
         assert fetched.stored_key is not None
+        result = job.result
         try:
             writing = self._writer.submit(fetched.stored_key, encoded, claimed=job.key)
         except RuntimeError as exc:  # the writer was closed: the loader is closing
-            fail(job.result, exc)
+            fail(result, exc)
             return
-        claimed = job.key  # the callback must not hold the job: futures keep their callbacks, and it holds the body
-        writing.add_done_callback(lambda done: self._written(claimed, done))
-        resolve(job.result, dataclasses.replace(fetched, written=writing))
 
-    def _written(self, claimed: str, write: concurrent.futures.Future[bool]) -> None:
-        """A store write ended: if it failed, release its claim and keep the error for the loader."""
-        if not write.cancelled() and write.exception() is None:
-            return
-        if self.ledger is not None:
-            self.ledger.release(claimed)
-        with self._lock:
-            if self._write_error is None:
-                self._write_error = write.exception() if not write.cancelled() else concurrent.futures.CancelledError()
+        def on_written(done: concurrent.futures.Future[bool]) -> None:
+            if (error := done.exception()) is not None:
+                fail(result, error)
+            else:
+                resolve(result, fetched)
 
-    def take_write_error(self) -> BaseException | None:
-        """The first store write that failed since the last call (``None`` if none did)."""
-        with self._lock:
-            error, self._write_error = self._write_error, None
-        return error
+        writing.add_done_callback(on_written)
 
     # -- waiting for other processes ------------------------------------------------------------
 

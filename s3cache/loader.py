@@ -4,9 +4,7 @@ A :class:`Loader` turns items into decoded arrays. Hits come from the
 :class:`~s3cache.store.ArrayStore`, one query per batch; misses go to a
 :class:`~s3cache.fetcher.Fetcher`, which reads them through the source (concurrently, within a
 byte budget, once across processes sharing the cache), decodes them and writes them to the store.
-A miss is served as soon as it is decoded; until its entry is stored, lookups find it in the
-loader (so nothing is fetched twice), and :meth:`Loader.flush` waits for the writes (an epoch ends
-with it). :meth:`Loader.prefetch` starts the misses of batches the caller will need soon, so S3 round trips
+:meth:`Loader.prefetch` starts the misses of batches the caller will need soon, so S3 round trips
 overlap with training. Without a source the loader is offline: a miss is an error that names the
 items.
 """
@@ -14,10 +12,8 @@ items.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import itertools
 import logging
-import multiprocessing.util
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -27,14 +23,13 @@ import numpy as np
 
 from s3cache import codec
 from s3cache.decoders import Decoder
-from s3cache.errors import CacheError, DecodeError, NotCachedError, ObjectTooLargeError
+from s3cache.errors import DecodeError, NotCachedError, ObjectTooLargeError
 from s3cache.fetcher import DEFAULT_CLAIM_WAIT, Entry, Fetcher, FetchResult, Refused
 from s3cache.items import Item
 from s3cache.source import DEFAULT_BYTES_IN_FLIGHT, DEFAULT_MAX_OBJECT_SIZE, Source
 from s3cache.source.ledger import FetchLedger
 from s3cache.spec import ImageSpec
 from s3cache.store import ArrayStore
-from s3cache.store.recency import RecencyLog
 
 _Reading = concurrent.futures.Future[FetchResult]
 
@@ -70,7 +65,7 @@ class Loader:
         max_object_size: Objects listed larger than this many bytes are refused without a request
             (:class:`~s3cache.errors.ObjectTooLargeError`); ``None`` accepts any size. A cached entry
             is served whatever its object's size.
-        max_bytes_in_flight: Most listed bytes of objects being read, decoded or stored at once; reads past
+        max_bytes_in_flight: Most listed bytes of objects being read or decoded at once; reads past
             it wait. An object larger than this is read alone.
         ledger: The cache directory's fetch ledger: ``True`` opens the one beside ``store`` (in its
             parent directory), ``False`` or ``None`` fetches without coordination.
@@ -99,8 +94,6 @@ class Loader:
                                 max_object_size=max_object_size, max_bytes_in_flight=max_bytes_in_flight,
                                 ledger=ledger, claim_wait=claim_wait)
         self._pending: dict[str, _Reading] = {}
-        # Entries served or read ahead whose store write is in flight, by stored key: found here until stored.
-        self._storing: dict[str, tuple[Entry, concurrent.futures.Future[bool]]] = {}
         self._unserved: set[str] = set()  # keys read ahead by this process and dropped before being served
         self._serving: dict[str, int] = {}  # keys whose reads a load() waits for, and how many loads wait
         self._lock = threading.Lock()
@@ -149,13 +142,11 @@ class Loader:
             DecodeError: An item cannot be decoded (or, as :class:`~s3cache.errors.ObjectTooLargeError`,
                 is too large) and ``on_error="raise"``.
             S3CacheError: S3 failed for a miss (see :mod:`s3cache.errors`).
-            CacheError: Storing the entries of an earlier batch failed.
         """
         return self.load_with_hits(items)[0]
 
     def load_with_hits(self, items: Sequence[Item]) -> tuple[list[np.ndarray | None], list[bool]]:
-        """As :meth:`load` (raising the same errors), and for each item whether the store held its entry."""
-        self._raise_write_error()
+        """As :meth:`load`, and for each item whether the store held its entry when the batch looked it up."""
         keys = [self._fetcher.lookup_key(item) for item in items]
         with self._lock:
             # Reads in flight stay pending while this batch waits for them, so that no other thread starts
@@ -179,9 +170,7 @@ class Loader:
                 for index, future in waiting.items():
                     if self._pending.get(keys[index]) is future:
                         del self._pending[keys[index]]
-                storing = self._keep_while_storing(waiting.values())
                 self._unmark_serving(marked)
-            self._forget_once_stored(storing)
         held = [entry is not None for entry in entries]
         for index, result in results.items():
             entries[index] = result.entry
@@ -193,12 +182,7 @@ class Loader:
         """Entries of the items not waited for, from the store (hits counted), and the positions to fetch."""
         entries: list[Entry | None] = [None] * len(items)
         stored = [i for i in range(len(items)) if i not in waiting]
-        with self._lock:  # first: an entry whose write ends meanwhile is then in the store
-            for i in stored:
-                if (storing := self._storing.get(keys[i])) is not None:
-                    entries[i] = storing[0]
-        looked_up = [i for i in stored if entries[i] is None]
-        for index, entry in zip(looked_up, self._fetcher.get_many([keys[i] for i in looked_up]), strict=True):
+        for index, entry in zip(stored, self._fetcher.get_many([keys[i] for i in stored]), strict=True):
             entries[index] = entry
         missing = [i for i in stored if entries[i] is None]
         with self._lock:
@@ -220,8 +204,7 @@ class Loader:
         if self.source is None:
             return
         with self._lock:
-            wanted = {key: item for item in items
-                      if (key := self._fetcher.lookup_key(item)) not in self._pending and key not in self._storing}
+            wanted = {key: item for item in items if (key := self._fetcher.lookup_key(item)) not in self._pending}
         if not wanted:  # a warm epoch: the dataset asks for nothing it saw held
             return
         cached = self.store.existing(list(wanted))
@@ -233,7 +216,7 @@ class Loader:
             self._pending.update(zip(todo, self._fetcher.start(list(todo.values()), list(todo)), strict=True))
 
     def drop_prefetched(self) -> None:
-        """Forget finished read-ahead results nobody asked for (their arrays are in the store, or kept until stored).
+        """Forget finished read-ahead results nobody asked for (their arrays are in the store).
 
         Their keys are remembered, so that serving them later from the store counts as the miss it was.
         A result a load is waiting for is that load's to count, not a dropped one.
@@ -241,20 +224,7 @@ class Loader:
         with self._lock:
             done = {key for key, f in self._pending.items() if f.done() and key not in self._serving}
             self._unserved.update(key for key in done if _fetched_here(self._pending[key]))
-            storing = self._keep_while_storing([self._pending[key] for key in done])
             self._pending = {key: f for key, f in self._pending.items() if key not in done}
-        self._forget_once_stored(storing)
-
-    def flush(self) -> None:
-        """Wait until the entries fetched so far are stored (or their writes failed, raised here).
-
-        Raises:
-            CacheError: Storing some entries failed.
-        """
-        with self._lock:
-            writes = [written for _, written in self._storing.values()]
-        concurrent.futures.wait(writes)
-        self._raise_write_error()
 
     def fill(
         self,
@@ -262,7 +232,7 @@ class Loader:
         progress: Callable[[FillProgress], None] | None = None,
         window: int = 256,
     ) -> None:
-        """Make sure every item is cached, reading at most ``window`` items ahead; returns once all are stored.
+        """Make sure every item is cached, reading at most ``window`` items ahead.
 
         Cached entries are read and checked, so damaged ones are fetched again. Decode failures
         are stored as failure records and reported through ``progress``, as are objects refused for
@@ -280,7 +250,6 @@ class Loader:
         if todo and self.source is None:
             raise NotCachedError.for_objects([item.url for item in todo])
         in_flight: dict[concurrent.futures.Future[FetchResult], Item] = {}
-        writes: list[concurrent.futures.Future[bool]] = []
         queue = iter(todo)
         try:
             while True:
@@ -289,17 +258,11 @@ class Loader:
                     started = self._fetcher.start(chunk, [self._fetcher.lookup_key(i) for i in chunk])
                     in_flight.update(zip(started, chunk, strict=True))
                 if not in_flight:
-                    concurrent.futures.wait(writes)  # done once every entry is stored
-                    self._raise_write_error()
                     return
                 done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-                if len(writes) > 2 * window:
-                    writes = [write for write in writes if not write.done()]
                 for future in done:
                     item = in_flight.pop(future)
                     result = future.result()
-                    if result.written is not None:
-                        writes.append(result.written)
                     self._count_served([result])
                     if progress:
                         progress(FillProgress(item, hit=not result.fetched,
@@ -309,18 +272,9 @@ class Loader:
                 future.cancel()
 
     def close(self) -> None:
-        """Write what was fetched, stop the decode and waiting threads, give up claims, and write back recency."""
+        """Stop the decode and waiting threads, give up claims, and write back recency."""
         self._fetcher.close()
         self.store.recency.flush()
-        if (error := self._fetcher.take_write_error()) is not None:
-            log.warning("storing fetched images in the cache in %s failed: %s", self.store.directory.parent, error)
-
-    def close_at_exit(self) -> None:
-        """Also write what was fetched, and the noted reads, when the process exits or the loader is collected.
-
-        Keras worker processes end without closing anything.
-        """
-        multiprocessing.util.Finalize(self, _close_quietly, (self._fetcher, self.store.recency), exitpriority=10)
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -362,10 +316,8 @@ class Loader:
         with self._lock:
             joined = {i: future for i, key in keys.items() if (future := self._pending.get(key))}
             fresh = [i for i in keys if i not in joined]
-            filled = {i: storing[0] for i in fresh if (storing := self._storing.get(keys[i])) is not None}
-            fresh = [i for i in fresh if i not in filled]
             found = self._fetcher.get_many([keys[i] for i in fresh]) if fresh else []
-            filled.update((i, entry) for i, entry in zip(fresh, found, strict=True) if entry is not None)
+            filled = {i: entry for i, entry in zip(fresh, found, strict=True) if entry is not None}
             early = [keys[i] for i in filled if keys[i] in self._unserved]
             self._unserved.difference_update(early)
             self._counts["misses"] += len(early)
@@ -375,39 +327,6 @@ class Loader:
             self._pending.update((keys[i], future) for i, future in zip(fresh, started, strict=True))
             self._mark_serving([keys[i] for i in joined] + [keys[i] for i in fresh])
         return joined | dict(zip(fresh, started, strict=True)), filled
-
-    def _keep_while_storing(self, reads: Iterable[_Reading]) -> list[tuple[str, concurrent.futures.Future[bool]]]:
-        """Keep the entries of finished reads whose writes are in flight where lookups find them (lock held).
-
-        Returns:
-            What :meth:`_forget_once_stored` takes, once the lock is released.
-        """
-        kept = []
-        for read in reads:
-            if not read.done() or read.cancelled() or read.exception() is not None:
-                continue
-            result = read.result()
-            if result.written is not None and result.stored_key is not None and not result.written.done():
-                self._storing[result.stored_key] = (result.entry, result.written)
-                kept.append((result.stored_key, result.written))
-        return kept
-
-    def _forget_once_stored(self, kept: Iterable[tuple[str, concurrent.futures.Future[bool]]]) -> None:
-        """Drop kept entries once their writes end (called without the lock: a write done by now calls back here)."""
-        for key, written in kept:
-            written.add_done_callback(lambda done, key=key: self._stored(key, done))
-
-    def _stored(self, key: str, written: concurrent.futures.Future[bool]) -> None:
-        """A kept entry's write ended: the store has it now (or the write failed, which the next load raises)."""
-        with self._lock:
-            if (storing := self._storing.get(key)) is not None and storing[1] is written:
-                del self._storing[key]
-
-    def _raise_write_error(self) -> None:
-        """Raise the first store write that failed since the last check."""
-        if (error := self._fetcher.take_write_error()) is not None:
-            raise CacheError(f"storing fetched images in the cache in {self.store.directory.parent} failed: "
-                             f"{error}") from error
 
     def _mark_serving(self, keys: Iterable[str]) -> None:
         """Note that a load waits for these keys' reads (call with the lock held)."""
@@ -431,14 +350,6 @@ class Loader:
         log.info("skipping %s: %s", item.url, entry.message)
         warnings.warn(f"skipping {item.url}: {entry.message}", stacklevel=3)
         return None
-
-
-def _close_quietly(fetcher: Fetcher, recency: RecencyLog) -> None:
-    """Write what was fetched and the noted reads, unless the cache is gone by then."""
-    with contextlib.suppress(Exception):
-        fetcher.close()
-    with contextlib.suppress(Exception):
-        recency.flush()
 
 
 def _fetched_here(future: _Reading) -> bool:
