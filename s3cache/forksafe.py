@@ -42,10 +42,11 @@ class _Gate:
     """Many threads inside at once; a fork waits until none is, and keeps them out while it runs.
 
     Entering takes no lock: a thread marks itself inside, then looks whether a fork is under way,
-    and if so steps out and waits. The forking thread waits until no thread is marked, then marks
-    the fork. Python runs one thread's bytecode at a time, so either the fork sees the thread's mark
-    or the thread sees the fork's. A thread inside may enter again (a garbage collection during a
-    query may close a connection) and passes at once; so does the forking thread.
+    and if so steps out and waits. The forking thread marks the fork, then looks at the threads.
+    Python runs one thread's bytecode at a time, so either the fork sees the thread's mark or the
+    thread sees the fork's. A thread inside may enter again (a garbage collection during a query
+    may close a connection) and passes at once; so does the forking thread. A transaction is held
+    by the thread that began it, which must end it (as s3cache's do).
     """
 
     def __init__(self) -> None:
@@ -91,14 +92,27 @@ class _Gate:
                 self._changed.notify_all()
 
     def before_fork(self) -> None:
-        """Wait until no thread is inside, then keep them out until the fork is done."""
+        """Wait until no thread is inside, then keep them out until the fork is done.
+
+        The gate is closed first and the threads looked at after (a thread that entered before is
+        then seen); if one is inside, the gate opens again until a thread leaves, and the fork
+        looks again. So threads wait for a fork only while no thread is inside, and none of them
+        can hold up one that is.
+        """
         own = getattr(self._local, "depth", None)
+        forker = threading.get_ident()
         with self._changed:
-            self._waiting = True
-            while any(depth.n for depth in list(self._threads) if depth is not own):
-                self._changed.wait()
-            self._waiting = False
-            self._forker = threading.get_ident()
+            self._waiting = True  # before looking: a thread that leaves after the look then calls back
+            try:
+                while True:
+                    self._forker = forker
+                    if not any(depth.n for depth in list(self._threads) if depth is not own):
+                        return
+                    self._forker = None
+                    self._changed.notify_all()  # those that stepped back meanwhile
+                    self._changed.wait()
+            finally:
+                self._waiting = False
 
     def after_fork_in_parent(self) -> None:
         """Let in the threads that waited for the fork."""

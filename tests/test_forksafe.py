@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import threading
@@ -14,6 +15,9 @@ import pytest
 
 from s3cache import codec, forksafe
 from s3cache.store import ArrayStore
+
+# Python 3.12+ warns that forking a multi-threaded process may deadlock: what the gate prevents.
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 
 FORKS = 40
 CHILD_DEADLINE_S = 60  # a healthy child is done in milliseconds; a hung one never is
@@ -70,7 +74,6 @@ def _wait(pid: int) -> int | None:
     return None
 
 
-@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_children_forked_while_a_thread_writes_the_store_open_it(busy_store: Path) -> None:
     # Without the gate, a thread committing in a loop left about 45% of forked children hung for good.
     for fork in range(FORKS):
@@ -78,6 +81,53 @@ def test_children_forked_while_a_thread_writes_the_store_open_it(busy_store: Pat
         if pid == 0:
             _child_reads(busy_store)
         assert _wait(pid) == 0, f"fork {fork}: the child hung or failed opening the store"
+
+
+def test_a_fork_waits_for_a_transaction_in_flight(tmp_path: Path) -> None:
+    database = tmp_path / "db.sqlite"
+    with contextlib.closing(forksafe.connect(database, isolation_level=None)) as setup:
+        setup.execute("PRAGMA journal_mode = WAL")
+        setup.execute("CREATE TABLE t (x)")
+    inside, release, committed = threading.Event(), threading.Event(), threading.Event()
+
+    def write() -> None:
+        with contextlib.closing(forksafe.connect(database, isolation_level=None, check_same_thread=False)) as con:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("INSERT INTO t VALUES (1)")
+            inside.set()
+            release.wait(CHILD_DEADLINE_S)
+            con.execute("COMMIT")
+            committed.set()
+
+    forked: list[tuple[int, bool]] = []
+
+    def fork() -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                with contextlib.closing(forksafe.connect(database, isolation_level=None)) as con:
+                    con.execute("BEGIN IMMEDIATE")  # the write lock: free in the child's eyes too
+                    con.execute("ROLLBACK")
+                code = 0
+            finally:
+                os._exit(code)
+        forked.append((pid, committed.is_set()))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    assert inside.wait(CHILD_DEADLINE_S)
+    forking = threading.Thread(target=fork)
+    forking.start()
+    deadline = time.monotonic() + CHILD_DEADLINE_S
+    while not forksafe._GATE._waiting and time.monotonic() < deadline:  # the fork waits for the writer
+        time.sleep(0.001)
+    assert forksafe._GATE._waiting, "the fork did not wait for the transaction"
+    release.set()
+    writer.join()
+    forking.join()
+    (pid, after_commit), = forked
+    assert after_commit and _wait(pid) == 0
 
 
 class CountingGate:
