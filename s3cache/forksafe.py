@@ -194,7 +194,8 @@ class Cursor(sqlite3.Cursor):
 class Connection(sqlite3.Connection):
     """A connection whose every call into SQLite, and every open transaction, takes the gate.
 
-    Its cursors are :class:`Cursor`.
+    Its cursors are :class:`Cursor`. The methods s3cache does not call (``backup``, ``blobopen``,
+    ``iterdump``, ``create_function`` and the like) are left as they are, outside the gate.
     """
 
     _transaction: _Depth | None = None  # the depth the open transaction holds the gate on
