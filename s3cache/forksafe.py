@@ -246,8 +246,10 @@ class Connection(sqlite3.Connection):
         with _GATE:
             try:
                 super().close()
-            finally:
-                self._end_transaction()
+            finally:  # a transaction left open was rolled back: the gate is no longer held for it
+                if self._transaction is not None:
+                    depth, self._transaction = self._transaction, None
+                    _GATE.leave(depth)
 
     def __exit__(self, *exc_info: Any) -> Any:
         with _GATE:
@@ -257,16 +259,9 @@ class Connection(sqlite3.Connection):
                 self.track_transaction()
 
     def __del__(self) -> None:
-        # An unclosed connection closes when collected, on whatever thread: here, inside the gate.
-        with _GATE, contextlib.suppress(sqlite3.Error):
-            super().close()
-        self._end_transaction()
-
-    def _end_transaction(self) -> None:
-        """Closed: a transaction left open was rolled back, so the gate is no longer held for it."""
-        if self._transaction is not None:
-            depth, self._transaction = self._transaction, None
-            _GATE.leave(depth)
+        # An unclosed connection closes when collected, on whatever thread: through close(), inside the gate.
+        with contextlib.suppress(sqlite3.Error):
+            self.close()
 
 
 def connect(database: str | os.PathLike[str], **kwargs: Any) -> Connection:

@@ -221,7 +221,7 @@ class FetchLedger:
                 if not self.path.exists():
                     return None
                 con = forksafe.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True, timeout=30,
-                                      isolation_level=None, check_same_thread=False)
+                                       isolation_level=None, check_same_thread=False)
             else:
                 con = forksafe.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
                 try:

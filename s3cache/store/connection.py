@@ -38,7 +38,7 @@ def connect_readonly(database: Path) -> sqlite3.Connection:
             raise
         log.info("reading %s without its WAL index: %s", database, exc)
         con = forksafe.connect(uri + "?mode=ro&immutable=1", uri=True, timeout=60, isolation_level=None,
-                              check_same_thread=False)
+                               check_same_thread=False)
     # Entries inline in the database are read through a memory map, not one read() per page.
     con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
     return con
