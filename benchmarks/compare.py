@@ -7,10 +7,13 @@ Run from the repository root, in the project's virtual environment (``pip instal
 Per latency setting it starts one local S3 endpoint (``s3cache.testing.locals3.LocalS3``: moto in its own process,
 sleeping ``--latency-ms`` before every request and counting requests), uploads ``--images`` real photos
 once, and runs every contender of ``contenders.py`` in its own process for two epochs, zeroing the
-endpoint's counters in between. It prints a Markdown table per latency with the ratios and targets of the
-issue, and writes ``benchmarks/results/<out>.json``, ``<out>.md`` and ``<out>.png``. Use fewer images
-(``--images 300 --seed-images 64``) while developing; the defaults take about two minutes per latency
-on two cores.
+endpoint's counters in between. With ``--rounds N`` it runs all of them N times in turn, each round
+from an empty cache and packing afresh, and reports each epoch's median round (min/median/max in the
+notes), so that a burst of other work on a shared machine moves one round, not the verdict. It prints
+a Markdown table per latency with the ratios and targets of the issue, and writes
+``benchmarks/results/<out>.json``, ``<out>.md`` and ``<out>.png``. Use fewer images
+(``--images 300 --seed-images 64``) while developing; one round takes about six minutes per latency on
+two cores.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import psutil
 from harness import BENCH_ENV, Run, Workload, describe_machine, machine
 from profiling import py_spy_command
 from profiling import summarize as summarize_profile
-from report import Target, chart, markdown, summarize
+from report import Target, chart, combine_rounds, markdown, summarize
 
 from s3cache.testing.locals3 import LocalS3
 from s3cache.testing.sampledata import make_photos, upload_photos, write_photos
@@ -58,14 +61,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lru-rounds", type=int, default=5, help="warm passes per setting in the LRU comparison")
     parser.add_argument("--warm-rounds", type=int, default=5,
                         help="further warm passes of s3cache and the raw read limit, compared by their medians")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every contender this many times in turn and report the median round (default 1; "
+                             "an odd count has a middle one)")
     parser.add_argument("--contenders", nargs="+", choices=ORDER, default=ORDER, help="run only these")
     parser.add_argument("--profile", nargs="+", choices=ORDER, default=[],
                         help="record these contenders with py-spy (summary: results/<out>-<ms>ms-<name>.profile.txt)")
     parser.add_argument("--out", default="compare", help="name of the result files in benchmarks/results/")
     args = parser.parse_args(argv)
     args.latency_ms = args.latency_ms or [20.0]
-    if args.images < 1 or args.batch_size < 1 or args.seed_images < 1:
-        parser.error("--images, --batch-size and --seed-images must be positive")
+    if min(args.images, args.batch_size, args.seed_images, args.rounds) < 1:
+        parser.error("--images, --batch-size, --seed-images and --rounds must be positive")
     return args
 
 
@@ -100,34 +106,45 @@ def run_contender(name: str, workload_path: Path, scratch: Path, profile: Path |
 
 def run_latency(latency_ms: float, photos: list[tuple[str, bytes]], local_dir: Path, scratch: Path,
                 args: argparse.Namespace) -> list[Run]:
-    """All contenders against one endpoint with the given latency."""
-    runs: list[Run] = []
+    """All contenders against one endpoint with the given latency, ``args.rounds`` times (:func:`combine_rounds`)."""
     with LocalS3(latency_ms=latency_ms) as s3:
         s3.configure(latency_ms=0)  # the upload is setup, not part of any measurement
         upload_photos(s3.storage_options, BUCKET, PREFIX, photos)
         s3.configure(latency_ms=latency_ms)
-        workload = Workload(
-            endpoint_url=s3.endpoint_url, storage_options=s3.storage_options, bucket=BUCKET, prefix=PREFIX,
-            local_dir=str(local_dir), work_dir=str(scratch / "work"), cache_dir=str(scratch / "s3cache"),
-            images=len(photos), seed_images=min(args.seed_images, len(photos)),
-            image_size=tuple(args.image_size), batch_size=args.batch_size, lru_rounds=args.lru_rounds,
-            warm_rounds=args.warm_rounds,
-            server_pid=_server_pid(),
-        )
-        workload.save(scratch / "workload.json")
-        for name in [n for n in ORDER if n in args.contenders]:
-            s3.reset_stats()
-            started = time.perf_counter()
-            profile = RESULTS / f"{args.out}-{latency_ms:g}ms-{name}.profile.txt" if name in args.profile else None
-            found = run_contender(name, scratch / "workload.json", scratch, profile)
-            # Whatever the endpoint saw outside the timed passes is setup (listing, warm-up).
-            found[0].setup_s3_requests = s3.requests() - sum(e.s3_requests for r in found for e in r.epochs)
-            # Other work on the machine skews the numbers: keep the load (this contender's included) next to them.
-            found[0].extra["load_average_1m_after"] = os.getloadavg()[0]
-            rates = ", ".join(f"{e.images_per_s:,.0f}" for r in found for e in r.epochs)
-            print(f"[{latency_ms:g} ms] {name}: {rates} images/s ({time.perf_counter() - started:.0f} s in all)",
-                  file=sys.stderr, flush=True)
-            runs += found
+        rounds = []
+        for number in range(1, args.rounds + 1):
+            folder = scratch / f"round-{number}"
+            workload = Workload(
+                endpoint_url=s3.endpoint_url, storage_options=s3.storage_options, bucket=BUCKET, prefix=PREFIX,
+                local_dir=str(local_dir), work_dir=str(folder / "work"), cache_dir=str(folder / "s3cache"),
+                images=len(photos), seed_images=min(args.seed_images, len(photos)),
+                image_size=tuple(args.image_size), batch_size=args.batch_size, lru_rounds=args.lru_rounds,
+                warm_rounds=args.warm_rounds, server_pid=_server_pid(), packed_prefix=f"packed-{number}/",
+            )
+            folder.mkdir()
+            workload.save(folder / "workload.json")
+            rounds.append(run_round(s3, folder, args, latency_ms, number))
+    return combine_rounds(rounds)
+
+
+def run_round(s3: LocalS3, folder: Path, args: argparse.Namespace, latency_ms: float, number: int) -> list[Run]:
+    """Every contender once, in :data:`ORDER`, against the workload saved in ``folder`` (round ``number``)."""
+    runs: list[Run] = []
+    title = f"{latency_ms:g} ms, round {number}/{args.rounds}"
+    suffix = f"-round{number}" if args.rounds > 1 else ""
+    for name in [n for n in ORDER if n in args.contenders]:
+        s3.reset_stats()
+        started = time.perf_counter()
+        profile = RESULTS / f"{args.out}-{latency_ms:g}ms-{name}{suffix}.profile.txt" if name in args.profile else None
+        found = run_contender(name, folder / "workload.json", folder, profile)
+        # Whatever the endpoint saw outside the timed passes is setup (listing, warm-up).
+        found[0].setup_s3_requests = s3.requests() - sum(e.s3_requests for r in found for e in r.epochs)
+        # Other work on the machine skews the numbers: keep the load (this contender's included) next to them.
+        found[0].extra["load_average_1m_after"] = os.getloadavg()[0]
+        rates = ", ".join(f"{e.images_per_s:,.0f}" for r in found for e in r.epochs)
+        print(f"[{title}] {name}: {rates} images/s ({time.perf_counter() - started:.0f} s in all)",
+              file=sys.stderr, flush=True)
+        runs += found
     return runs
 
 
@@ -145,12 +162,19 @@ def write_results(name: str, settings: dict[str, Any], info: dict[str, Any], sum
     document = {"name": name, "created": created, "settings": settings, "machine": info, "latencies": summaries}
     (RESULTS / f"{name}.json").write_text(json.dumps(document, indent=1) + "\n")
     header = (f"## s3cache compared ({created})\n\n{settings['images']} photos, {settings['image_size'][0]}x"
-              f"{settings['image_size'][1]} float32, batch {settings['batch_size']}, 2 epochs per contender. "
+              f"{settings['image_size'][1]} float32, batch {settings['batch_size']}, 2 epochs per contender"
+              f"{_rounds_text(settings.get('rounds', 1))}. "
               f"{describe_machine(info)}\n\n")
     text = header + "\n".join(markdown(summary) for summary in summaries)
     (RESULTS / f"{name}.md").write_text(text)
     chart(summaries, RESULTS / f"{name}.png", f"images/s per epoch, {settings['images']} photos")
     return text
+
+
+def _rounds_text(rounds: int) -> str:
+    if rounds == 1:
+        return ""
+    return f", {rounds} rounds of all contenders in turn: each epoch's median round, min/median/max in the notes"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
             scratch = Path(tmp) / f"latency-{latency_ms:g}"
             scratch.mkdir()
             summaries.append(summarize(latency_ms, run_latency(latency_ms, photos, local_dir, scratch, args)))
-    settings = {key: vars(args)[key] for key in ("images", "latency_ms", "image_size", "batch_size",
-                                                 "seed_images", "lru_rounds", "warm_rounds", "contenders")}
+    settings = {key: vars(args)[key] for key in ("images", "latency_ms", "image_size", "batch_size", "seed_images",
+                                                 "rounds", "lru_rounds", "warm_rounds", "contenders")}
     print(write_results(args.out, settings, info, summaries))
     for summary in summaries:
         print(f"targets at {summary['latency_ms']:g} ms:")

@@ -243,10 +243,10 @@ def _s3cache_online(workload: Workload, name: str, decoder: str, cache: str = ""
     dataset = _s3cache_dataset(workload, offline=False, decoder=decoder, cache=cache)
     try:
         epochs = timed_epochs(workload, lambda _: _s3cache_epoch(dataset), ["1 (cold)", "2 (warm)"])
-        warm, note, rates = repeated_passes(workload, lambda _: _s3cache_epoch(dataset), len(epochs))
+        warm, rates = repeated_passes(workload, lambda _: _s3cache_epoch(dataset), len(epochs))
     finally:
         dataset.close()
-    return [Run(name, f"s3cache image_dataset_from_s3, {DECODER_LABELS[decoder]}", [*epochs, warm], note=note,
+    return [Run(name, f"s3cache image_dataset_from_s3, {DECODER_LABELS[decoder]}", [*epochs, warm],
                 extra={"stats": dataset.stats, "decoder": decoder, "warm_passes": rates})]
 
 
@@ -295,10 +295,6 @@ def s3cache_packed_numpy(workload: Workload) -> list[Run]:
     return [_s3cache_packed(workload, "s3cache-packed-numpy", "numpy")]
 
 
-def _packed_url(workload: Workload) -> str:
-    return f"{workload.url.rstrip('/')}-packed/"
-
-
 def _pack(workload: Workload) -> dict[str, Any]:
     """Pack the photos (or find them packed), timed."""
     import resource
@@ -307,7 +303,7 @@ def _pack(workload: Workload) -> dict[str, Any]:
 
     collect_setup_garbage()
     started, cpu = time.perf_counter(), time.process_time()
-    report = pack(workload.url, _packed_url(workload), shard_size=PACKED_SHARD_SIZE,
+    report = pack(workload.url, workload.packed_url, shard_size=PACKED_SHARD_SIZE,
                   storage_options=workload.storage_options)
     pack_seconds, pack_cpu = time.perf_counter() - started, time.process_time() - cpu
     packing = {"images": report.members, "shards": report.shards, "seconds": pack_seconds,
@@ -321,7 +317,7 @@ def _s3cache_packed(workload: Workload, name: str, decoder: str) -> Run:
     from s3cache import image_dataset_from_s3
 
     dataset = image_dataset_from_s3(
-        _packed_url(workload), image_size=workload.image_size, batch_size=workload.batch_size, shuffle=True,
+        workload.packed_url, image_size=workload.image_size, batch_size=workload.batch_size, shuffle=True,
         seed=0, cache_dir=workload.scratch(f"{name}-cache"), storage_options=workload.storage_options,
         verbose=False, decoder=decoder,
     )
@@ -377,9 +373,9 @@ def raw_limit(workload: Workload) -> list[Run]:
         return delivered
 
     epochs = timed_epochs(workload, run_epoch)
-    repeated, note, rates = repeated_passes(workload, run_epoch, len(epochs))
+    repeated, rates = repeated_passes(workload, run_epoch, len(epochs))
     return [Run("raw", "limit: os.read + np.frombuffer of resized arrays, page cache", [*epochs, repeated],
-                note=note, extra={"warm_passes": rates})]
+                extra={"warm_passes": rates})]
 
 
 def capacity_boto3(workload: Workload) -> list[Run]:

@@ -13,7 +13,6 @@ import os
 import platform
 import resource
 import sqlite3
-import statistics
 import subprocess
 import time
 import urllib.request
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from unittest import mock
 
 import psutil
@@ -35,6 +34,7 @@ BENCH_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+T = TypeVar("T")
 CONTROL_STATS = "/_locals3/stats"
 # RecencyLog's method that notes reads for LRU; the "LRU off" runs replace it with a no-op.
 RECENCY_HOOK = "note"
@@ -65,6 +65,8 @@ class Workload:
         warm_rounds: Further passes of s3cache and of the raw read limit after their timed epochs,
             summed up by their median (the warm ratio compares the two medians).
         server_pid: The endpoint's process, whose CPU time is read around every epoch.
+        packed_prefix: Key prefix (ending in ``/``) the packed contenders pack the photos under; one per
+            round of ``compare.py``, so that every round packs afresh.
     """
 
     endpoint_url: str
@@ -82,11 +84,17 @@ class Workload:
     lru_rounds: int = 5
     warm_rounds: int = 5
     server_pid: int = 0
+    packed_prefix: str = "packed/"
 
     @property
     def url(self) -> str:
         """The ``s3://`` prefix of the dataset."""
         return f"s3://{self.bucket}/{self.prefix}"
+
+    @property
+    def packed_url(self) -> str:
+        """The ``s3://`` prefix the packed contenders pack the dataset under."""
+        return f"s3://{self.bucket}/{self.packed_prefix}"
 
     def scratch(self, name: str) -> Path:
         """An empty-on-first-use folder for one contender."""
@@ -219,28 +227,29 @@ def timed_epochs(workload: Workload, run_epoch: Callable[[int], int], labels: li
     return [timed_epoch(labels[i], workload, lambda i=i: run_epoch(i)) for i in range(workload.epochs)]
 
 
+def median_round(measured: list[T], rate: Callable[[T], float]) -> T:
+    """The measurement of median ``rate`` (of an even count, the upper of the middle two)."""
+    return sorted(measured, key=rate)[len(measured) // 2]
+
+
 def median_epoch(label: str, epochs: list[Epoch]) -> Epoch:
     """One line for several passes: the median pass's time and CPU, all their requests, the highest peak RSS."""
-    median = sorted(epochs, key=lambda e: e.images_per_s)[len(epochs) // 2]
+    median = median_round(epochs, lambda e: e.images_per_s)
     return Epoch(f"{label}, median of {len(epochs)}", median.images, median.seconds,
                  sum(e.s3_requests for e in epochs), max(e.peak_rss_mb for e in epochs), median.cpu_seconds,
                  median.server_cpu_seconds)
 
 
-def repeated_passes(workload: Workload, run_epoch: Callable[[int], int], first: int) -> tuple[Epoch, str, list[float]]:
+def repeated_passes(workload: Workload, run_epoch: Callable[[int], int], first: int) -> tuple[Epoch, list[float]]:
     """Time ``workload.warm_rounds`` more passes, numbered from ``first`` (0-based), as their median.
 
     Returns:
-        The median pass (:func:`median_epoch`), a note with the passes' min/median/max throughput,
-        and every pass's throughput.
+        The median pass (:func:`median_epoch`) and every pass's throughput (tables note their
+        min/median/max).
     """
     passes = [timed_epoch(str(first + i + 1), workload, lambda i=i: run_epoch(first + i))
               for i in range(workload.warm_rounds)]
-    rates = [e.images_per_s for e in passes]
-    label = f"{first + 1}-{first + len(passes)}"
-    note = (f"passes {label}: min/median/max {min(rates):,.0f} / {statistics.median(rates):,.0f} / "
-            f"{max(rates):,.0f} images/s")
-    return median_epoch(label, passes), note, rates
+    return median_epoch(f"{first + 1}-{first + len(passes)}", passes), [e.images_per_s for e in passes]
 
 
 def _no_touch(self: Any, *args: Any) -> None:

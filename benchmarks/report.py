@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import Run
+from harness import Run, median_round
 
 # Cold-epoch goal against the seed recipe, by injected latency; other latencies are reported without one.
 SEED_GOALS = {20.0: 8.0, 100.0: 25.0}
@@ -54,7 +53,7 @@ def _warm(run: Run) -> float:
     """The median of a run's repeated warm passes (runs recorded before they were repeated: epoch 2, or the best)."""
     rates = run.extra.get("warm_passes")
     if rates:
-        return float(statistics.median(rates))
+        return float(median_round(rates, float))
     return _rate(run, 1) if run.name.startswith("s3cache") else _best(run)
 
 
@@ -125,6 +124,52 @@ def targets(runs: dict[str, Run], found: dict[str, float], latency_ms: float) ->
     return out
 
 
+def combine_rounds(rounds: list[list[Run]]) -> list[Run]:
+    """One run per contender from several rounds of all of them: each epoch's median round.
+
+    The spread goes into the notes (each epoch's min/median/max over the rounds) and the JSON
+    (``extra["rounds"]``). Repeated warm passes are pooled over the rounds, and packing takes its
+    median round, so their ratios are medians too.
+
+    Args:
+        rounds: Each round's runs, the same contenders in the same order.
+    """
+    if len(rounds) == 1:
+        return rounds[0]
+    combined = []
+    for runs in zip(*rounds, strict=True):
+        if len({run.name for run in runs}) != 1:
+            raise ValueError(f"rounds ran different contenders: {[run.name for run in runs]}")
+        combined.append(_combine(list(runs)))
+    return combined
+
+
+def _combine(runs: list[Run]) -> Run:
+    first = median_round(runs, lambda run: run.epochs[0].images_per_s)
+    epochs = [median_round([run.epochs[i] for run in runs], lambda e: e.images_per_s)
+              for i in range(len(first.epochs))]
+    spreads = [_spread(f"epoch {e.label}", [run.epochs[i].images_per_s for run in runs])
+               for i, e in enumerate(epochs)]
+    extra = first.extra | {"rounds": [[e.images_per_s for e in run.epochs] for run in runs]}
+    if all("warm_passes" in run.extra for run in runs):
+        extra["warm_passes"] = [rate for run in runs for rate in run.extra["warm_passes"]]
+    if all("packing" in run.extra for run in runs):
+        extra["packing"] = median_round([run.extra["packing"] for run in runs], lambda p: p["images_per_s"])
+        spreads.append(_spread("packing", [run.extra["packing"]["images_per_s"] for run in runs]))
+    note = f"{len(runs)} rounds, min/median/max images/s: " + "; ".join(spreads)
+    return Run(first.name, first.label, epochs, first.setup_s3_requests, "; ".join(filter(None, [first.note, note])),
+               extra)
+
+
+def _spread(what: str, rates: list[float]) -> str:
+    return f"{what} {_min_median_max(rates)}"
+
+
+def _min_median_max(rates: list[float]) -> str:
+    """``min / median / max``, the median taken as :func:`~harness.median_round` takes it (so it is one of them)."""
+    return f"{min(rates):,.0f} / {median_round(rates, float):,.0f} / {max(rates):,.0f}"
+
+
 def summarize(latency_ms: float, runs: list[Run]) -> dict[str, Any]:
     """Runs, ratios and targets of one latency setting, JSON-ready."""
     by_name = {run.name: run for run in runs}
@@ -141,8 +186,8 @@ def markdown(summary: dict[str, Any]) -> str:
              "| peak RSS (MB) | notes |",
              "|---|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     for run in runs:
-        notes = "; ".join(filter(None, [run.note, f"+{run.setup_s3_requests} requests before epoch 1 (listing)"
-                                        if run.setup_s3_requests else ""]))
+        notes = "; ".join(filter(None, [run.note, _passes_note(run), f"+{run.setup_s3_requests} requests before "
+                                        "epoch 1 (listing)" if run.setup_s3_requests else ""]))
         for number, epoch in enumerate(run.epochs):
             lines.append(f"| {run.label if number == 0 else ''} | {epoch.label} | {epoch.images} | "
                          f"{epoch.seconds:.2f} | {epoch.images_per_s:,.0f} | {epoch.s3_requests} | "
@@ -158,6 +203,17 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{_verdict(target)} |")
     lines += [f"| {t['name']} | {t['value']:g} | {t['goal']} | {_verdict(t)} |" for t in described.values()]
     return "\n".join(lines) + "\n"
+
+
+def _passes_note(run: Run) -> str:
+    """The spread of a run's repeated warm passes (pooled over the rounds, when there were several)."""
+    rates = run.extra.get("warm_passes")
+    if not rates:
+        return ""
+    rounds = len(run.extra.get("rounds", [])) or 1
+    label = run.epochs[-1].label.split(",")[0]
+    pooled = f" of {rounds} rounds pooled" if rounds > 1 else ""
+    return f"passes {label}{pooled}: min/median/max {_min_median_max(rates)} images/s"
 
 
 def _per_image_ms(seconds: float, images: int) -> str:
