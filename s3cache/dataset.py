@@ -186,7 +186,7 @@ class S3ImageDataset(keras.utils.PyDataset):
             self._loader.store.recency.refresh()
 
     def on_epoch_end(self) -> None:
-        """Reshuffle for the next epoch and write back cache recency."""
+        """Reshuffle for the next epoch, write back cache recency and fold the store's write-ahead log in."""
         self.epoch += 1
         self._order = self._epoch_order(self.epoch)
         self._last_index = None
@@ -195,6 +195,7 @@ class S3ImageDataset(keras.utils.PyDataset):
             self._loader.drop_prefetched()
             self._loader.store.recency.flush()  # before another dataset may evict by it
             self._loader.store.recency.refresh()
+            self._loader.store.checkpoint()  # the next epoch reads what this one stored through the memory map
 
     # -- public extras ----------------------------------------------------------------------------
 

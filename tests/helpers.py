@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import subprocess
 import sys
 import time
@@ -35,6 +36,17 @@ def dataset_options(s3: LocalS3, cache_dir: Path, **overrides: Any) -> dict[str,
     options: dict[str, Any] = {"image_size": (32, 32), "batch_size": 8, "shuffle": False, "cache_dir": cache_dir,
                                "storage_options": s3.storage_options, "verbose": False}
     return options | overrides
+
+
+def wal_frames(database: Path) -> tuple[int, int]:
+    """Frames in a database's write-ahead log, and how many of them are copied into the database file.
+
+    Read from the WAL index (``<database>-shm``, SQLite's "WAL-index format"): the last valid frame
+    is the header's ``mxFrame`` (offset 16), the frames copied its checkpoint info's ``nBackfill``
+    (offset 96), both in native byte order.
+    """
+    header = (database.parent / f"{database.name}-shm").read_bytes()[:100]
+    return struct.unpack_from("=I", header, 16)[0], struct.unpack_from("=I", header, 96)[0]
 
 
 def all_batches(ds: Any) -> list[Any]:

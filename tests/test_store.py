@@ -9,7 +9,7 @@ from pathlib import Path
 import diskcache
 import numpy as np
 import pytest
-from helpers import FILE_SIDE, all_batches, dataset_options
+from helpers import FILE_SIDE, all_batches, dataset_options, wal_frames
 
 import s3cache
 from s3cache import codec
@@ -109,6 +109,38 @@ def test_epochs_read_through_a_cache_smaller_than_the_dataset(s3: LocalS3, bucke
     for (x1, y1), (x2, y2) in zip(first, second, strict=True):
         np.testing.assert_array_equal(x1, x2)
         np.testing.assert_array_equal(y1, y2)
+
+
+def test_an_epoch_end_copies_the_write_ahead_log_into_the_database(s3: LocalS3, bucket: str, cache_dir: Path) -> None:
+    ds = s3cache.image_dataset_from_s3("s3://photos/train/", **dataset_options(s3, cache_dir))
+    database = cache_dir / "arrays" / "cache.db"
+    for index in range(len(ds)):
+        ds[index]
+    frames, copied = wal_frames(database)
+    assert frames > 0 and copied < frames  # far below SQLite's own checkpoint threshold
+    ds.on_epoch_end()
+    assert wal_frames(database) == (frames, frames)  # readers of the next epoch can skip the log
+
+
+def test_a_checkpoint_waits_for_no_reader(tmp_path: Path) -> None:
+    store = ArrayStore(tmp_path / "arrays", parse_size("1GB"))
+    store.begin_run("a")
+    store.put("k1", codec.encode_array(ENTRY), tag="t")
+    database = tmp_path / "arrays" / "cache.db"
+    reader = sqlite3.connect(database, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM Cache").fetchall()  # a read transaction on the log as it is now
+    seen, _ = wal_frames(database)
+    store.put("k2", codec.encode_array(ENTRY), tag="t")
+    store.checkpoint()  # copies what the reader allows, and returns
+    frames, copied = wal_frames(database)
+    assert copied == seen < frames
+    reader.execute("COMMIT")
+    store.checkpoint()
+    assert wal_frames(database) == (frames, frames)
+    assert store.get("k2") is not None
+    reader.close()
+    store.close()
 
 
 def test_recency_is_written_once_per_run_and_not_at_all_by_the_run_that_stored(tmp_path: Path) -> None:

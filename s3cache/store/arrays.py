@@ -271,6 +271,27 @@ class ArrayStore:
             self.cull()
         return written
 
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the database file, so that reads go straight through the memory map.
+
+        While the log holds frames not yet copied, a reader looks every page up in it and reads the
+        pages it finds there with a system call each; once every frame is copied, readers skip the log.
+        SQLite copies after every 16 MB of writes or so, which leaves up to that much of a cold epoch
+        behind: :class:`~s3cache.dataset.ImageDataset` calls this at the end of each epoch. It waits
+        for nobody (``PASSIVE``). A full file system, or a store opened read-only, leaves the log as it is.
+
+        Raises:
+            DamagedStoreError: The database is damaged.
+        """
+        if self._cache.read_only:
+            return
+        try:
+            self._connections.checkpoint()
+        except sqlite3.Error as exc:
+            if is_damaged(exc):
+                raise DamagedStoreError(self.directory, exc) from exc
+            log.info("write-ahead log of %s not checkpointed: %s", self.directory, exc)
+
     def _insert_what_fits(self, entries: Sequence[tuple[str, bytes]], tag: str) -> tuple[list[bool], bool]:
         """Insert bound entries in one transaction; on a full file system, as many as fit, then pause writes.
 

@@ -80,12 +80,27 @@ class Connections:
     @contextlib.contextmanager
     def write_transaction(self) -> Iterator[sqlite3.Connection]:
         """An immediate write transaction on the shared writer, serialized across threads."""
+        with self._write_lock, immediate_transaction(self._open_writer()) as con:
+            yield con
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy the write-ahead log's frames into the database file, as far as readers allow (``PASSIVE``).
+
+        Waits for no reader or writer of any process, and is quick when nothing is left to copy.
+
+        Returns:
+            Frames in the log, and frames of it copied into the database file (all of them once readers allow).
+        """
         with self._write_lock:
-            if self._writer is None:
-                self._writer = forksafe.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-                self._writer.execute("PRAGMA synchronous = NORMAL")
-            with immediate_transaction(self._writer) as con:
-                yield con
+            ((_, frames, copied),) = self._open_writer().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return frames, copied
+
+    def _open_writer(self) -> sqlite3.Connection:
+        """The shared write connection, opened on first use (caller holds the write lock)."""
+        if self._writer is None:
+            self._writer = forksafe.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            self._writer.execute("PRAGMA synchronous = NORMAL")
+        return self._writer
 
     def close(self) -> None:
         """Close the writer and every reader."""
