@@ -82,6 +82,9 @@ class StatsRecorder:
         """Write the counters of ``epoch``: what ``totals`` (this process's running totals) gained in it."""
         now = tuple(int(totals.get(name, 0)) for name in COUNTERS)
         with self._lock:
+            # Totals only grow, but threads take them before this lock: one taken before another thread's
+            # newer totals can come second, and must not take back what that one recorded.
+            now = tuple(max(value, last) for value, last in zip(now, self._last, strict=True))
             if epoch != self._epoch:
                 self._epoch, self._base = epoch, self._last
             self._last = now

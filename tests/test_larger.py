@@ -29,7 +29,7 @@ from s3cache.items import Item
 from s3cache.listing import resolve_url_list
 from s3cache.source import SourceCounters
 from s3cache.spec import ImageSpec
-from s3cache.stats import CacheStatsCallback, CacheTooSmallWarning, cache_bytes_needed
+from s3cache.stats import CacheStatsCallback, CacheTooSmallWarning, StatsRecorder, cache_bytes_needed, read_stats
 from s3cache.store import ArrayStore, layout
 from s3cache.testing.locals3 import LocalS3
 from s3cache.testing.sampledata import upload_photos
@@ -344,6 +344,17 @@ model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True
 history = model.fit(ds, epochs=2, verbose=0, callbacks=[s3cache.CacheStatsCallback(ds)])
 print(json.dumps({{"history": history.history, "stats": ds.stats}}))
 """
+
+
+def test_totals_taken_before_newer_ones_take_nothing_back(tmp_path: Path) -> None:
+    recorder = StatsRecorder(tmp_path / "stats")
+    # Two Keras threads: the one that loaded first records last, with the totals it took before the other's batch.
+    recorder.record(0, {"hits": 8, "misses": 6})
+    recorder.record(0, {"hits": 4, "misses": 6})
+    recorder.record(1, {"hits": 10, "misses": 6})
+    recorder.close()
+    epochs = read_stats(tmp_path / "stats")["epochs"]
+    assert [(epoch["hits"], epoch["misses"]) for epoch in epochs] == [(8, 6), (2, 0)]
 
 
 @pytest.mark.parametrize("workers", ["threads", "processes"])
