@@ -119,9 +119,11 @@ def test_an_epoch_end_copies_the_write_ahead_log_into_the_database(s3: LocalS3, 
     frames, copied = wal_frames(database)
     assert frames > 0 and copied < frames  # far below SQLite's own checkpoint threshold
     ds.on_epoch_end()
-    assert wal_frames(database) == (frames, frames)  # readers of the next epoch can skip the log
+    after, copied = wal_frames(database)
+    assert after >= frames and copied == after  # readers of the next epoch can skip the log
 
 
+@pytest.mark.timeout(30)  # a checkpoint that waited for the reader would wait out the store's 60 s busy timeout
 def test_a_checkpoint_waits_for_no_reader(tmp_path: Path) -> None:
     store = ArrayStore(tmp_path / "arrays", parse_size("1GB"))
     store.begin_run("a")

@@ -277,7 +277,7 @@ class ArrayStore:
         While the log holds frames not yet copied, a reader looks every page up in it and reads the
         pages it finds there with a system call each; once every frame is copied, readers skip the log.
         SQLite copies after every 16 MB of writes or so, which leaves up to that much of a cold epoch
-        behind: :class:`~s3cache.dataset.ImageDataset` calls this at the end of each epoch. It waits
+        behind: :class:`~s3cache.dataset.S3ImageDataset` calls this at the end of each epoch. It waits
         for nobody (``PASSIVE``). A full file system, or a store opened read-only, leaves the log as it is.
 
         Raises:

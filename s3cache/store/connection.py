@@ -83,17 +83,13 @@ class Connections:
         with self._write_lock, immediate_transaction(self._open_writer()) as con:
             yield con
 
-    def checkpoint(self) -> tuple[int, int]:
+    def checkpoint(self) -> None:
         """Copy the write-ahead log's frames into the database file, as far as readers allow (``PASSIVE``).
 
         Waits for no reader or writer of any process, and is quick when nothing is left to copy.
-
-        Returns:
-            Frames in the log, and frames of it copied into the database file (all of them once readers allow).
         """
         with self._write_lock:
-            ((_, frames, copied),) = self._open_writer().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        return frames, copied
+            self._open_writer().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def _open_writer(self) -> sqlite3.Connection:
         """The shared write connection, opened on first use (caller holds the write lock)."""
