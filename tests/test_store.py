@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pickle
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import diskcache
@@ -16,6 +18,7 @@ from s3cache import codec
 from s3cache.config import parse_size
 from s3cache.store import ArrayStore, layout
 from s3cache.store.directory import CacheDirectory, verify_directory
+from s3cache.store.safecache import open_diskcache
 from s3cache.testing.locals3 import LocalS3
 
 ENTRY = np.arange(128 * 128 * 3, dtype=np.uint32).astype(np.uint8).reshape(128, 128, 3)
@@ -143,6 +146,36 @@ def test_a_checkpoint_waits_for_no_reader(tmp_path: Path) -> None:
     assert store.get("k2") is not None
     reader.close()
     store.close()
+
+
+def test_opening_creates_the_tag_index_while_another_process_writes(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = open_diskcache(tmp_path / "arrays", tag_index=False)  # a store another process is still creating
+    cache.close()
+    cache._timeout = 0  # as while diskcache opens a store: no busy timeout, statements retried by hand
+    holder = sqlite3.connect(tmp_path / "arrays" / "cache.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process is writing
+    retrying, finished, errors = threading.Event(), threading.Event(), []
+    pause = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda seconds: (retrying.set(), pause(seconds)))
+
+    def create_index() -> None:
+        try:
+            cache.create_tag_index()
+        except sqlite3.Error as exc:
+            errors.append(exc)
+        finally:
+            finished.set()
+
+    thread = threading.Thread(target=create_index)
+    thread.start()
+    while not (retrying.is_set() or finished.is_set()):
+        retrying.wait(0.01)
+    holder.execute("COMMIT")
+    thread.join()
+    assert not errors and retrying.is_set()
+    holder.close()
+    cache.close()
 
 
 def test_recency_is_written_once_per_run_and_not_at_all_by_the_run_that_stored(tmp_path: Path) -> None:

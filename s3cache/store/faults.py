@@ -27,6 +27,7 @@ from s3cache.errors import CacheError
 log = logging.getLogger(__name__)
 
 # SQLite primary result codes (``sqlite3.Error.sqlite_errorcode & 0xff``).
+SQLITE_BUSY = 5
 SQLITE_IOERR = 10
 SQLITE_CORRUPT = 11
 SQLITE_FULL = 13
@@ -80,6 +81,12 @@ def is_disk_full(exc: BaseException, path: str | os.PathLike[str] | None = None)
         if code == SQLITE_IOERR and path is not None:
             return free_bytes(path) < LOW_SPACE
     return False
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether an SQLite error says another connection holds the lock the call needed (``SQLITE_BUSY``)."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    return isinstance(exc, sqlite3.OperationalError) and code == SQLITE_BUSY
 
 
 def is_damaged(exc: BaseException) -> bool:

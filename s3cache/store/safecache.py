@@ -20,6 +20,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +32,14 @@ from s3cache import forksafe
 from s3cache.errors import CacheError
 from s3cache.store.connection import connect_readonly
 from s3cache.store.disk import SAFE_ROW, SafeDisk, UnsafeEntryError
-from s3cache.store.faults import CacheFullError, DamagedStoreError, is_damaged, is_disk_full, warn_writes_paused
+from s3cache.store.faults import (
+    CacheFullError,
+    DamagedStoreError,
+    is_damaged,
+    is_disk_full,
+    is_locked,
+    warn_writes_paused,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +96,14 @@ class SafeCache(diskcache.Cache):
                     if key.startswith("sqlite_"):
                         self.reset(key, value, update=False)
         return con
+
+    def create_tag_index(self) -> None:
+        """As diskcache's, retried while another process holds the write lock (see :func:`retried_while_locked`)."""
+        retried_while_locked(super().create_tag_index)
+
+    def drop_tag_index(self) -> None:
+        """As diskcache's, retried while another process holds the write lock (see :func:`retried_while_locked`)."""
+        retried_while_locked(super().drop_tag_index)
 
     def reset(self, key: str, value: Any = ENOVAL, update: bool = True) -> Any:
         """Apply a setting; unknown ones (planted in a database) are ignored, odd values refused."""
@@ -283,6 +299,27 @@ class ReadOnlyCache(SafeCache):
             self._writable.close()
             self._writable = None
         super().close()
+
+
+LOCKED_RETRY_SECONDS = 60
+"""How long a statement diskcache runs without a busy timeout is retried while the database is locked."""
+
+
+def retried_while_locked(statement: Callable[[], None]) -> None:
+    """Run ``statement``, again every millisecond while SQLite says the database is locked, for at most a minute.
+
+    diskcache opens a store with no busy timeout and retries each statement of the opening by hand,
+    except the one that creates (or drops) the tag index: without a retry, a process that opens the
+    store while another one writes fails at once with "database is locked".
+    """
+    deadline = time.monotonic() + LOCKED_RETRY_SECONDS
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as exc:
+            if not is_locked(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.001)
 
 
 def open_diskcache(directory: Path, *, private: bool = True, page_size: int | None = None,
