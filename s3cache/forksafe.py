@@ -24,9 +24,9 @@ import os
 import sqlite3
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 
 class _Depth:
@@ -126,6 +126,7 @@ class _Gate:
         self._forker = None
 
 
+T = TypeVar("T")
 _GATE = _Gate()
 os.register_at_fork(before=_GATE.before_fork, after_in_parent=_GATE.after_fork_in_parent,
                     after_in_child=_GATE.after_fork_in_child)
@@ -136,27 +137,15 @@ class Cursor(sqlite3.Cursor):
 
     def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
         """``sqlite3.Cursor.execute``, inside the gate."""
-        with _GATE:
-            try:
-                return super().execute(sql, parameters)
-            finally:
-                self.connection.track_transaction()  # type: ignore[attr-defined]
+        return self.connection.gated(super().execute, sql, parameters)  # type: ignore[attr-defined,no-any-return]
 
     def executemany(self, sql: str, seq_of_parameters: Iterable[Any], /) -> Cursor:
         """``sqlite3.Cursor.executemany``, inside the gate."""
-        with _GATE:
-            try:
-                return super().executemany(sql, seq_of_parameters)
-            finally:
-                self.connection.track_transaction()  # type: ignore[attr-defined]
+        return self.connection.gated(super().executemany, sql, seq_of_parameters)  # type: ignore[attr-defined,no-any-return]
 
     def executescript(self, sql_script: str, /) -> Cursor:
         """``sqlite3.Cursor.executescript``, inside the gate."""
-        with _GATE:
-            try:
-                return super().executescript(sql_script)
-            finally:
-                self.connection.track_transaction()  # type: ignore[attr-defined]
+        return self.connection.gated(super().executescript, sql_script)  # type: ignore[attr-defined,no-any-return]
 
     def fetchone(self) -> Any:
         """``sqlite3.Cursor.fetchone``, inside the gate."""
@@ -208,6 +197,14 @@ class Connection(sqlite3.Connection):
             depth, self._transaction = self._transaction, None
             _GATE.leave(depth)
 
+    def gated(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` inside the gate, then :meth:`track_transaction`: the call may begin or end a transaction."""
+        with _GATE:
+            try:
+                return call(*args)
+            finally:
+                self.track_transaction()
+
     def cursor(self, factory: type[sqlite3.Cursor] = Cursor) -> Any:  # type: ignore[override]
         """A new cursor, a :class:`Cursor` by default."""
         return super().cursor(factory)
@@ -227,19 +224,11 @@ class Connection(sqlite3.Connection):
 
     def commit(self) -> None:
         """``sqlite3.Connection.commit``, inside the gate."""
-        with _GATE:
-            try:
-                super().commit()
-            finally:
-                self.track_transaction()
+        self.gated(super().commit)
 
     def rollback(self) -> None:
         """``sqlite3.Connection.rollback``, inside the gate."""
-        with _GATE:
-            try:
-                super().rollback()
-            finally:
-                self.track_transaction()
+        self.gated(super().rollback)
 
     def close(self) -> None:
         """``sqlite3.Connection.close``, inside the gate."""
@@ -252,11 +241,7 @@ class Connection(sqlite3.Connection):
                     _GATE.leave(depth)
 
     def __exit__(self, *exc_info: Any) -> Any:
-        with _GATE:
-            try:
-                return super().__exit__(*exc_info)
-            finally:
-                self.track_transaction()
+        return self.gated(super().__exit__, *exc_info)
 
     def __del__(self) -> None:
         # An unclosed connection closes when collected, on whatever thread: through close(), inside the gate.
